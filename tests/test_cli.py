@@ -1,0 +1,45 @@
+"""The `ullsam` console script: installed, lists its commands, --version, clear errors."""
+import inspect, subprocess, sys
+import pytest
+from ullsam_nb import __version__
+from ullsam_nb.cli import COMMANDS, command_function, command_parser, main
+
+def run(*args):
+    return subprocess.run(["ullsam", *args], capture_output=True, text=True)
+
+def test_console_script_help_lists_every_command():
+    r = run("--help")
+    assert r.returncode == 0, r.stderr
+    for name in COMMANDS: assert name in r.stdout
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ullsam_nb {__version__}"
+
+def test_every_command_resolves_and_has_help():
+    for name, (mod, fn, hlp) in COMMANDS.items():
+        f = command_function(name)
+        assert inspect.getdoc(f).splitlines()[0] == hlp, f"help of {name} differs from {mod}.{fn}'s docstring"
+        text = command_parser(f, f"ullsam {name}").format_help()
+        assert f"ullsam {name}" in text
+
+def test_unknown_command_is_an_error():
+    r = run("no-such-command")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+def test_info_json():
+    import json
+    r = run("info", "--json-out")
+    assert r.returncode == 0
+    assert json.loads(r.stdout)["ullsam_nb"] == __version__
+
+def test_input_error_exits_2_with_the_file(tmp_path, monkeypatch, capsys):
+    from ullsam_nb import cli
+    from ullsam_nb.basics import InputError
+    def broken_cmd(path:str): # a file
+        "Always fails."
+        raise InputError("not a label map", path)
+    monkeypatch.setitem(COMMANDS, "broken", ("ullsam_nb.cli", "broken_cmd", "Always fails."))
+    monkeypatch.setattr(cli, "broken_cmd", broken_cmd, raising=False)
+    assert main(["broken", "--path", "x/y.tif"]) == 2
+    assert "x/y.tif: not a label map" in capsys.readouterr().err

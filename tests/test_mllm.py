@@ -1,0 +1,133 @@
+"Integration tests of the VLK path: real transformers classes saved and reloaded, determinism, the on-disk VLK cache across processes."
+import os, sys, json, subprocess, textwrap
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+from ullsam_nb.basics import hash_file, seed_everything
+from ullsam_nb import mllm
+from ullsam_nb.mllm import (pixel_shuffle, inverse_pixel_shuffle, embedding_to_tokens, tokens_to_embedding, VLKExtractor,
+                            load_llm, train_caption_tokenizer, build_tiny_llm, load_tiny_llm, build_tiny_mllm, cached_vlk,
+                            vlk_cache_dir, last_hidden_states, CHATML_TOKENS, IMAGE_TOKENS, IMG_CONTEXT)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ULLSAM_QUIET", "1")
+
+
+@pytest.mark.parametrize("shape,ratio", [((2, 64, 64, 256), 0.5), ((1, 8, 12, 3), 0.5), ((3, 9, 6, 2), 1/3), ((1, 4, 4, 5), 1.0)])
+def test_shuffle_inverse_exact(shape, ratio):
+    x = torch.randn(*shape)
+    assert torch.equal(inverse_pixel_shuffle(pixel_shuffle(x, ratio), ratio), x)
+    y = torch.randn(*pixel_shuffle(x, ratio).shape)
+    assert torch.equal(pixel_shuffle(inverse_pixel_shuffle(y, ratio), ratio), y)
+
+
+def test_tokens_roundtrip_real_size():
+    e = torch.randn(1, 256, 64, 64)
+    t = embedding_to_tokens(e)
+    assert t.shape == (1, 1024, 1024)
+    assert torch.equal(tokens_to_embedding(t, 64, 64), e)
+
+
+def _tokenizer_without_image_tokens():
+    tok = train_caption_tokenizer(["Describe the image in detail", "nuclei cells background"] * 10, vocab_size=300,
+                                  special_tokens=CHATML_TOKENS)
+    assert not any(t in tok.get_vocab() for t in IMAGE_TOKENS)
+    return tok
+
+
+def _save(cls_name, folder):
+    import transformers
+    cls, cfg_cls = getattr(transformers, cls_name + "ForCausalLM"), getattr(transformers, cls_name + "Config")
+    tok = _tokenizer_without_image_tokens()
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+def test_reload_adds_tokens_resizes_and_never_touches_disk(arch, tmp_path):
+    d = _save(arch, tmp_path / arch)
+    before = {f.name: hash_file(f) for f in d.iterdir()}
+    n_vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    llm, tok = load_llm(d)
+    assert all(t in tok.get_vocab() for t in IMAGE_TOKENS)
+    assert llm.get_input_embeddings().weight.shape[0] == len(tok) == n_vocab + 3
+    ext = VLKExtractor(llm, tok, embed_dim=64)
+    with torch.no_grad(): v = ext(torch.randn(2, 64, 16, 16))
+    assert v.shape == (2, 64, 16, 16) and torch.isfinite(v).all()
+    assert {f.name: hash_file(f) for f in d.iterdir()} == before
+    # loading twice gives the same resized embeddings (deterministic new rows) hence the same VLK
+    llm2, tok2 = load_llm(d)
+    assert torch.equal(llm.get_input_embeddings().weight, llm2.get_input_embeddings().weight)
+
+
+def test_bf16_llm_with_fp32_mlps():
+    llm, tok = load_tiny_llm(dtype=torch.bfloat16)
+    ext = VLKExtractor(llm, tok, embed_dim=64)
+    with torch.no_grad(): v = ext(torch.randn(1, 64, 16, 16))
+    assert v.dtype == torch.float32 and v.shape == (1, 64, 16, 16)
+
+
+def test_hidden_states_fallback_without_base_model():
+    llm, tok = load_tiny_llm()
+    x = torch.randn(1, 5, llm.config.hidden_size)
+    direct = last_hidden_states(llm, x)
+
+    class NoBase(torch.nn.Module):          # a model whose base_model is itself: the output_hidden_states path
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, **kw): return self.m(**kw)
+    torch.testing.assert_close(last_hidden_states(NoBase(llm), x), direct)
+
+
+def test_tiny_llm_deterministic_across_cache_roots(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "a"))
+    a = build_tiny_llm(seed=3)
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "b"))
+    b = build_tiny_llm(seed=3)
+    assert a != b and a.name == b.name
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for f in a.iterdir(): assert hash_file(f) == hash_file(b / f.name), f.name
+    assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]     # no temp folders left
+
+
+def test_mllm_generates_from_numpy_images():
+    m = build_tiny_mllm().eval()
+    imgs = [np.random.default_rng(0).integers(0, 255, (100, 140), dtype=np.uint8),
+            np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)]
+    out = m.generate(imgs, max_new_tokens=5)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+
+
+_RUN = textwrap.dedent("""
+    import sys, json, torch
+    from ullsam_nb.basics import seed_everything
+    from ullsam_nb.mllm import load_tiny_llm, VLKExtractor, cached_vlk
+    llm, tok = load_tiny_llm()
+    seed_everything(0)
+    ext = VLKExtractor(llm, tok, embed_dim=64)
+    calls = []
+    fwd = ext.forward
+    ext.forward = lambda e: (calls.append(len(e)), fwd(e))[1]
+    g = torch.Generator().manual_seed(5)
+    v = cached_vlk(ext, torch.randn(3, 64, 16, 16, generator=g))
+    print(json.dumps({"calls": calls, "sum": float(v.double().sum())}))
+""")
+
+
+def test_vlk_cache_reused_across_processes(tmp_path):
+    env = dict(os.environ, ULLSAM_CACHE_DIR=str(tmp_path / "shared_cache"), ULLSAM_QUIET="1")
+    run = lambda: json.loads(subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True, text=True,
+                                            check=True).stdout.strip().splitlines()[-1])
+    first, second = run(), run()
+    assert first["calls"] == [3] and second["calls"] == []
+    assert first["sum"] == second["sum"]
+    files = list((tmp_path / "shared_cache" / "vlk").rglob("*.safetensors"))
+    assert len(files) == 3 and not list((tmp_path / "shared_cache" / "vlk").rglob(".*"))

@@ -320,6 +320,29 @@ def test_describe_cmd_against_endpoint(tmp_path, server, capsys):
     assert len(srv.requests) == 2                      # the rerun skipped both images
 
 
+def test_describe_folder_parallel_workers(tmp_path, server):
+    imgs = _folder(tmp_path/"imgs", 6)
+    srv = server([ok(f"Answer: {i}")[:3] + (0.3,) for i in range(6)])
+    active, peak, lock = [0], [0], threading.Lock()
+    real = Handler.do_POST
+    def counting(self):
+        with lock: active[0] += 1; peak[0] = max(peak[0], active[0])
+        try: real(self)
+        finally:
+            with lock: active[0] -= 1
+    Handler.do_POST = counting
+    try:
+        vlm, _ = client(srv)
+        s = describe_folder(imgs, vlm, "count", tmp_path/"o.jsonl", workers=3)
+    finally: Handler.do_POST = real
+    recs = read_jsonl_tolerant(tmp_path/"o.jsonl")
+    assert s["n_new"] == 6 and sorted(r["answer"] for r in recs) == list(range(6))
+    assert sorted(Path(r["image_path"]).name for r in recs) == [f"im{i:02d}.png" for i in range(6)]
+    assert peak[0] >= 2                                 # requests really overlapped
+    with pytest.warns(UserWarning, match="one request at a time"):
+        describe_folder(imgs, CallableVLM(lambda *a: "x", "f"), "describe", tmp_path/"d.jsonl", workers=4)
+
+
 def test_describe_cmd_slots_and_prompt_file(tmp_path, server):
     _folder(tmp_path/"imgs", 1)
     (tmp_path/"p.json").write_text(json.dumps({"organ": {"text": "Segment {instance} in this {modality} scan.", "answer": "text"}}))

@@ -1,0 +1,103 @@
+"SAM layer integration: CLI functions on files, the embedding cache across processes' worth of calls, automatic mode."
+import numpy as np, pytest, torch
+from pathlib import Path
+from skimage.draw import disk
+from segment_anything.modeling import ImageEncoderViT
+from ullsam_nb.io import write_image, write_labels, read_labels
+from ullsam_nb.sam import (build_sam, embed_image, segment_prompts, automatic_segmentation, segment_cmd, precompute_cmd,
+                           masks_to_labels, model_identity, AMG_PRESETS)
+from ullsam_nb.basics import InputError
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path/"cache"))
+    monkeypatch.setenv("ULLSAM_QUIET", "1")
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    "Counts real forward passes of segment-anything's image encoder."
+    calls = []
+    orig = ImageEncoderViT.forward
+    def counting(self, x): calls.append(x.shape[0]); return orig(self, x)
+    monkeypatch.setattr(ImageEncoderViT, "forward", counting)
+    return calls
+
+def _folder(root:Path, n=3, size=(80, 112), suffix=".tif"):
+    rng = np.random.default_rng(0)
+    (root/"images").mkdir(parents=True); (root/"masks").mkdir()
+    for i in range(n):
+        lab = np.zeros(size, np.uint16)
+        for k in (3, 10, 300):
+            rr, cc = disk((rng.integers(12, size[0]-12), rng.integers(12, size[1]-12)), rng.integers(5, 10), shape=size)
+            lab[rr, cc] = k
+        im = (20 + 200 * (lab > 0) + rng.normal(0, 8, size)).clip(0, 255).astype(np.uint8)
+        write_image(root/"images"/f"cell_{i}{suffix}", im); write_labels(root/"masks"/f"cell_{i}.tif", lab)
+    return root
+
+def test_segment_box_point_auto(tmp_path):
+    root = _folder(tmp_path/"data")
+    for prompts in ("box", "point", "auto"):
+        out = tmp_path/f"pred_{prompts}"
+        assert segment_cmd(root/"images", out, prompts=prompts, gt=root/"masks" if prompts != "auto" else None, points_per_side=4) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["cell_0.tif", "cell_1.tif", "cell_2.tif"]   # no temp files
+        for f in out.iterdir():
+            pred, gt = read_labels(f), read_labels(root/"masks"/f.name)
+            assert pred.shape == gt.shape
+            if prompts != "auto": assert set(np.unique(pred)) <= set(np.unique(gt))   # ids of the prompting instances
+
+def test_segment_jpg_and_errors(tmp_path):
+    root = _folder(tmp_path/"data", n=1, suffix=".jpg")
+    assert segment_cmd(root/"images", tmp_path/"out", gt=root/"masks") == 0
+    assert [p.name for p in (tmp_path/"out").iterdir()] == ["cell_0.tif"]
+    with pytest.raises(InputError, match="needs --gt"): segment_cmd(root/"images", tmp_path/"o2", prompts="point")
+    with pytest.raises(InputError, match="no ground-truth mask"): segment_cmd(root/"images", tmp_path/"o3", gt=tmp_path)
+    (tmp_path/"empty").mkdir()
+    with pytest.raises(InputError, match="no images"): segment_cmd(tmp_path/"empty", tmp_path/"o4", prompts="auto")
+    with pytest.raises(InputError, match="unknown SAM model"): segment_cmd(root/"images", tmp_path/"o5", model="vit_z", prompts="auto")
+
+def test_precompute_then_segment_skips_encoder(tmp_path, encoder_calls):
+    root = _folder(tmp_path/"data", n=2)
+    assert precompute_cmd(root/"images") == 0
+    assert len(encoder_calls) == 2
+    files = list((tmp_path/"cache"/"embeddings"/"tiny").glob("*.safetensors"))
+    assert len(files) == 2
+    assert precompute_cmd(root/"images") == 0 and len(encoder_calls) == 2          # already cached
+    assert segment_cmd(root/"images", tmp_path/"pred", gt=root/"masks") == 0
+    assert segment_cmd(root/"images", tmp_path/"pred_auto", prompts="auto", points_per_side=4) == 0
+    assert len(encoder_calls) == 2                                                # every embedding came from the cache
+    assert precompute_cmd(root/"images", mode="ullsam") == 0 and len(encoder_calls) == 4   # preprocessing is in the key
+
+def test_cache_key_follows_weights(tmp_path, encoder_calls):
+    img = np.random.default_rng(1).integers(0, 255, (64, 90), dtype=np.uint8)
+    m = build_sam("tiny", device="cpu")
+    e1, _ = embed_image(m, img); embed_image(m, img)
+    assert len(encoder_calls) == 1
+    with torch.no_grad(): m.image_encoder.neck[0].weight.mul_(2)
+    e2, _ = embed_image(m, img)
+    assert len(encoder_calls) == 2 and not torch.allclose(e1, e2)
+    embed_image(m, img.copy()); assert len(encoder_calls) == 2                     # content, not object identity
+    embed_image(m, img[:, ::-1].copy()); assert len(encoder_calls) == 3
+
+def test_ullsam_mode_prompting_and_dense_prompt():
+    m = build_sam("tiny", device="cpu")
+    img = np.random.default_rng(2).integers(0, 255, (120, 60, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 30, 40], [10, 60, 55, 110]], np.float32)
+    masks, scores = segment_prompts(m, img, boxes=boxes, mode="ullsam", cache=False)
+    assert masks.shape == (2, 120, 60) and scores.shape == (2,)
+    vlk = torch.randn(1, 64, 16, 16)
+    masks2, _ = segment_prompts(m, img, boxes=boxes, mode="ullsam", cache=False, dense_prompt=vlk)
+    per_instance = torch.randn(2, 64, 16, 16)
+    masks3, _ = segment_prompts(m, img, boxes=boxes, mode="ullsam", cache=False, dense_prompt=per_instance)
+    assert masks2.shape == masks3.shape == (2, 120, 60)
+    lab = masks_to_labels(masks, scores)
+    assert lab.shape == (120, 60) and lab.dtype == np.uint32
+
+def test_automatic_presets_and_crops():
+    m = build_sam("tiny", device="cpu")
+    img = np.random.default_rng(3).integers(0, 255, (96, 96), dtype=np.uint8)
+    assert set(AMG_PRESETS) == {"default", "tuned"}
+    lab = automatic_segmentation(m, img, preset="tuned", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    assert lab.shape == (96, 96)
+    lab2, recs = automatic_segmentation(m, img, points_per_side=2, crop_n_layers=1, pred_iou_thresh=0.0,
+                                        stability_score_thresh=0.0, return_records=True)
+    assert lab2.shape == (96, 96) and all(r["segmentation"].shape == (96, 96) for r in recs)

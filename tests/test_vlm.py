@@ -239,6 +239,15 @@ def test_tiny_transformers_vlm(arch, tmp_path):
     assert len(TextCache(vlm.identity)) == 1
 
 
+def test_describe_cmd_local_tiny_model(tmp_path, capsys):
+    imgs = _folder(tmp_path/"imgs", 2)
+    path = save_tiny_vlm("qwen2_5_vl", tmp_path/"qwen")
+    assert describe_cmd(str(imgs), "qwen2.5-vl", str(tmp_path/"c.jsonl"), model=str(path), max_new_tokens=2, device="cpu") == 0
+    recs = read_jsonl_tolerant(tmp_path/"c.jsonl")
+    assert len(recs) == 2 and all(r["model"].startswith("transformers:") and r["prompt_name"] == "describe" for r in recs)
+    assert recs[0]["conversation"][0]["content"] == "Describe the image in detail\n<image>"
+
+
 def test_transformers_identity_changes_with_weights(tmp_path):
     p = save_tiny_vlm("llava", tmp_path/"m", seed=0)
     id0 = TransformersVLM(p, device="cpu").identity
@@ -354,6 +363,10 @@ def test_describe_cmd_slots_and_prompt_file(tmp_path, server):
         describe_cmd(str(tmp_path/"imgs"), "vllm", str(tmp_path/"o2.jsonl"), model="m", prompt="zeus", base_url=srv.base_url)
     with pytest.raises(InputError, match="unknown prompt template"):
         describe_cmd(str(tmp_path/"imgs"), "vllm", str(tmp_path/"o2.jsonl"), model="m", prompt="nope")
+    with pytest.raises(InputError, match="--device does not apply"):
+        describe_cmd(str(tmp_path/"imgs"), "vllm", str(tmp_path/"o2.jsonl"), model="m", device="cuda")
+    with pytest.raises(InputError, match="--base-url does not apply"):
+        describe_cmd(str(tmp_path/"imgs"), "transformers", str(tmp_path/"o2.jsonl"), model="m", base_url="http://x")
     with pytest.raises(InputError, match="not a folder"):
         describe_cmd(str(tmp_path/"missing"), "vllm", str(tmp_path/"o2.jsonl"), model="m", base_url=srv.base_url)
 

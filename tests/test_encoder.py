@@ -1,0 +1,157 @@
+"""Fast SAM image encoder vs segment-anything's ImageEncoderViT (CPU, random weights, fresh random inputs per test).
+
+Error criterion everywhere: relative error to the reference's norm, ||fast - ref|| / ||ref||.
+fp32: < 1e-5. bf16: < 3e-2 against the fp32 reference, and no worse than about twice the reference's own bf16 error.
+"""
+import os, pytest, torch, torch.nn as nn
+from segment_anything.modeling import ImageEncoderViT
+from ullsam_nb.encoder import (FastImageEncoder, fast_image_encoder, random_image_encoder, encoder_config,
+                               sam_encoder_kwargs, rel_pos_attention, use_fast_encoder)
+
+# heavy tests run only with ULLSAM_SLOW=1 (e.g. `ULLSAM_SLOW=1 pytest tests/test_encoder.py`)
+slow = pytest.mark.skipif(not os.environ.get("ULLSAM_SLOW"), reason="slow: set ULLSAM_SLOW=1")
+
+def rel_err(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+# name -> (config name, overrides): padded windows (16 grid, window 6 / 5), unpadded (12 grid, window 6),
+# no relative / absolute positions, odd head count
+CONFIGS = {
+    "tiny": ("tiny", {}),
+    "pad_w5": ("tiny", dict(window_size=5, num_heads=2, global_attn_indexes=(2,))),
+    "no_pad": ("tiny", dict(img_size=192)),
+    "no_rel_pos": ("tiny", dict(use_rel_pos=False, depth=2, global_attn_indexes=(1,))),
+    "no_abs_pos": ("tiny", dict(use_abs_pos=False, depth=2, global_attn_indexes=(0,))),
+}
+
+def _pair(cfg, **kw):
+    name, over = CONFIGS[cfg]
+    ref = random_image_encoder(name, **over).eval()
+    return ref, FastImageEncoder.from_sam(ref, **kw)
+
+def _images(ref, b): return torch.randn(b, 3, ref.img_size, ref.img_size)
+
+CASES = [(c, m) for c in CONFIGS for m in ("mask", "augment")] + [("tiny", "flex"), ("pad_w5", "flex")]
+
+@pytest.mark.parametrize("cfg,method", CASES)
+def test_fp32_same_function(cfg, method):
+    ref, fast = _pair(cfg, attention=method)
+    for b in ((1, 3) if method == "mask" else (3,)):
+        x = _images(ref, b)
+        with torch.no_grad(): expected, got = ref(x), fast(x)
+        assert got.shape == expected.shape
+        assert rel_err(got, expected) < 1e-5, (cfg, method, b, rel_err(got, expected))
+
+def test_batch_items_independent():
+    "Each image's embedding does not depend on the others in the batch."
+    ref, fast = _pair("tiny")
+    x = _images(ref, 5)
+    with torch.no_grad(): whole, single = fast(x), fast(x[3:4])
+    assert rel_err(whole[3:4], single) < 1e-5
+
+@pytest.mark.parametrize("method", ["mask", "augment"])
+def test_bf16_autocast(method):
+    ref, fast = _pair("tiny", attention=method)
+    x = _images(ref, 3)
+    with torch.no_grad():
+        expected = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16): r16, f16 = ref(x), fast(x)
+    assert torch.isfinite(f16).all()
+    e_ref, e_fast = rel_err(r16, expected), rel_err(f16, expected)
+    assert e_fast < 3e-2 and e_fast < 2*e_ref + 1e-3, (e_fast, e_ref)
+
+def test_bf16_weights():
+    "Both encoders cast to bf16 (`.to(torch.bfloat16)`) against the fp32 reference."
+    ref, _ = _pair("tiny")
+    x = _images(ref, 2)
+    with torch.no_grad():
+        expected = ref(x)
+        ref16 = random_image_encoder("tiny").eval(); ref16.load_state_dict(ref.state_dict()); ref16.to(torch.bfloat16)
+        fast16 = FastImageEncoder.from_sam(ref16)
+        r16, f16 = ref16(x.bfloat16()), fast16(x.bfloat16())
+    assert f16.dtype == torch.bfloat16
+    e_ref, e_fast = rel_err(r16, expected), rel_err(f16, expected)
+    assert e_fast < 5e-2 and e_fast < 2*e_ref + 1e-3, (e_fast, e_ref)
+
+@pytest.mark.parametrize("cfg", ["tiny", "no_pad"])
+@pytest.mark.parametrize("method", ["mask", "augment"])
+def test_gradients_match(cfg, method):
+    name, over = CONFIGS[cfg]
+    ref = random_image_encoder(name, **over).train()
+    fast = FastImageEncoder.from_sam(ref, share=False, attention=method)
+    x = _images(ref, 3)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ref(xr)
+    g = torch.randn_like(out)
+    out.backward(g); fast(xf).backward(g)
+    assert rel_err(xf.grad, xr.grad) < 1e-4
+    ref_p = dict(ref.named_parameters())
+    for n, p in fast.named_parameters():
+        assert p.grad is not None, n
+        assert rel_err(p.grad, ref_p[n].grad) < 1e-4, (n, rel_err(p.grad, ref_p[n].grad))
+
+def test_shared_parameters_train_together():
+    "With share=True an optimiser step on the reference changes the fast encoder too."
+    ref = random_image_encoder("tiny").train()
+    fast = FastImageEncoder.from_sam(ref)
+    assert {id(p) for p in fast.parameters()} == {id(p) for p in ref.parameters()}
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    fast(_images(ref, 1)).square().mean().backward()
+    opt.step()
+    ref.eval(); fast.eval()
+    x = _images(ref, 1)
+    with torch.no_grad(): assert rel_err(fast(x), ref(x)) < 1e-5
+
+def test_copy_is_independent():
+    ref, fast = _pair("tiny", share=False)
+    with torch.no_grad(): fast.blocks[0].attn.qkv.weight.add_(1.0)
+    assert not torch.equal(fast.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+def test_loads_reference_checkpoint(tmp_path):
+    "An ImageEncoderViT state dict saved to disk loads strictly (weights_only) into FastImageEncoder."
+    ref = random_image_encoder("tiny").eval()
+    torch.save(ref.state_dict(), tmp_path/"enc.pth")
+    fast = FastImageEncoder(**encoder_config("tiny")).eval()
+    fast.load_state_dict(torch.load(tmp_path/"enc.pth", weights_only=True), strict=True)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    x = _images(ref, 2)
+    with torch.no_grad(): assert rel_err(fast(x), ref(x)) < 1e-5
+
+def test_kwargs_roundtrip_and_activation():
+    ref = ImageEncoderViT(**encoder_config("tiny", act_layer=lambda: nn.GELU(approximate="tanh")))
+    kw = sam_encoder_kwargs(ref)
+    assert kw["global_attn_indexes"] == (1, 3) and kw["window_size"] == 6 and kw["norm_layer"](8).eps == 1e-6
+    fast = FastImageEncoder.from_sam(ref)
+    assert fast.blocks[0].mlp.act.approximate == "tanh"
+
+def test_use_fast_encoder_in_sam():
+    from segment_anything.modeling import Sam, PromptEncoder, MaskDecoder, TwoWayTransformer
+    from segment_anything import SamPredictor
+    sam = Sam(random_image_encoder("tiny"),
+              PromptEncoder(embed_dim=64, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16),
+              MaskDecoder(transformer_dim=64, transformer=TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=256,
+                          num_heads=2), iou_head_hidden_dim=64)).eval()
+    img = (torch.rand(200, 180, 3)*255).to(torch.uint8).numpy()
+    pred = SamPredictor(sam); pred.set_image(img); expected = pred.get_image_embedding()
+    use_fast_encoder(sam)
+    assert isinstance(sam.image_encoder, FastImageEncoder)
+    pred = SamPredictor(sam); pred.set_image(img)
+    assert rel_err(pred.get_image_embedding(), expected) < 1e-5
+    masks, scores, _ = pred.predict(box=torch.tensor([20, 30, 120, 150]).numpy(), multimask_output=False)
+    assert masks.shape == (1, 200, 180)
+
+@slow
+def test_vit_b_architecture_small_image():
+    "ViT-B's real block layout (12 blocks, 12 heads, window 14 -> 16 grid padded to 28) at 256^2."
+    ref = random_image_encoder("vit_b", img_size=256).eval()
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = ref(x)
+        for m in ("mask", "augment"):
+            assert rel_err(FastImageEncoder.from_sam(ref, attention=m)(x), expected) < 1e-5
+
+@slow
+def test_torch_compile_cpu():
+    ref = random_image_encoder("tiny").eval()
+    fast = fast_image_encoder(ref, compile=True, attention="augment")
+    x = _images(ref, 2)
+    with torch.no_grad(): assert rel_err(fast(x), ref(x)) < 1e-5

@@ -84,3 +84,21 @@ def test_runner_on_real_data(tiny, real_data, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     s = summarize(per_image, by=("model", "protocol"))
     assert len(s) == 3 and (s["n_images"] == [1, 1, 2]).all()
+
+
+def test_split_predictions_and_worst_cases(tiny):
+    from types import SimpleNamespace
+    from ullsam_nb.evaluate import worst_cases, show_worst_cases
+    samples = [SimpleNamespace(image=t.image, labels=t.labels, pair=SimpleNamespace(name=f"s{k}", domain=d))
+               for k, (t, d) in enumerate([(synth_sample("fluo_nuclei", 5, size=64), "fluo_nuclei"),
+                                           (synth_sample("em_organelles", 5, size=64), "em_organelles")])]
+    preds = {}
+    per_image, _ = evaluate_models({"a": tiny, "b": tiny}, samples, protocols=("box",), in_domains=["fluo_nuclei"],
+                                   predictions=preds, progress_bar=False, cache=False)
+    assert list(per_image["split"]) == ["in-domain", "out-of-domain"] * 2
+    assert set(preds) == {(m, n, "box", 0) for m in "ab" for n in ("s0", "s1")}
+    assert (per_image[per_image.model == "a"]["mSA"].to_numpy() == per_image[per_image.model == "b"]["mSA"].to_numpy()).all()
+    w = worst_cases(per_image, "mSA", 1, model="b")
+    assert len(w) == 1 and w.iloc[0]["model"] == "b"
+    fig = show_worst_cases(per_image, samples, preds, "mSA", k=2, model="a")
+    assert len(fig.axes) == 4

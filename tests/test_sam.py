@@ -101,3 +101,15 @@ def test_automatic_presets_and_crops():
     lab2, recs = automatic_segmentation(m, img, points_per_side=2, crop_n_layers=1, pred_iou_thresh=0.0,
                                         stability_score_thresh=0.0, return_records=True)
     assert lab2.shape == (96, 96) and all(r["segmentation"].shape == (96, 96) for r in recs)
+
+def test_real_dsb2018_box_prompts(tmp_path):
+    "Box prompts from real DSB-2018 ground truth (skipped when the shared data folder is absent)."
+    from ullsam_nb.basics import shared_data_dir
+    src = shared_data_dir("dsb2018")
+    if src is None: pytest.skip("shared data not available")
+    (tmp_path/"images").mkdir(); (tmp_path/"masks").mkdir()
+    (tmp_path/"images"/"n.tif").write_bytes((src/"nuclei_512_img.tif").read_bytes())
+    (tmp_path/"masks"/"n.tif").write_bytes((src/"nuclei_512_mask.tif").read_bytes())
+    assert segment_cmd(tmp_path/"images", tmp_path/"pred", gt=tmp_path/"masks") == 0
+    pred, gt = read_labels(tmp_path/"pred"/"n.tif"), read_labels(tmp_path/"masks"/"n.tif")
+    assert pred.shape == gt.shape and set(np.unique(pred)) <= set(np.unique(gt))

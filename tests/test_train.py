@@ -1,0 +1,78 @@
+"""Training loop integration tests on CPU: schedule in optimizer steps, SIGTERM checkpoint + exact resume in a separate
+process, boolean parsing on the command line, and `train_cmd` (--max-steps 10 then --resume --max-steps 20 == 20)."""
+import os, sys, time, signal, subprocess
+from pathlib import Path
+import pytest
+import torch
+from ullsam_nb.basics import hash_file
+from ullsam_nb.train import (ToyTask, Trainer, make_config, load_config, weights_hash, warmup_cosine, str2bool, read_log)
+
+def test_schedule_counts_optimizer_steps(tmp_path):
+    cfg = make_config(epochs=2, batch_size=4, accumulation=4, lr=1e-2, warmup=0.25, monitor="score")
+    tr = Trainer(ToyTask(n=64), cfg, tmp_path/"r", quiet=True)
+    assert (tr.batches_per_epoch, tr.steps_per_epoch, tr.total_steps) == (16, 4, 8)
+    res = tr.fit()
+    lrs = [r["lr"] for r in res["history"]]                  # the rate used by each optimizer step
+    assert len(lrs) == 8
+    for s, lr in enumerate(lrs): assert lr == pytest.approx(1e-2 * warmup_cosine(s, 8, 0.25))
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)   # annealed to the floor at the end
+
+def test_no_decay_on_biases_and_norms():
+    tr = Trainer(ToyTask(), make_config(), None, quiet=True)
+    wd = {id(p): g["weight_decay"] for g in tr.optimizer.param_groups for p in g["params"]}
+    for n, p in tr.task.model.named_parameters():
+        assert wd[id(p)] == (0.0 if (p.ndim < 2 or "bias" in n) else 0.01), n
+
+WORKER = r'''
+import sys
+from pathlib import Path
+from ullsam_nb.train import ToyTask, Trainer, make_config
+cfg = make_config(epochs=2, batch_size=4, accumulation=3, lr=1e-2, monitor="score", device="cpu")
+res = Trainer(ToyTask(step_delay=0.05), cfg, Path(sys.argv[1]), quiet=True).fit()
+print(res["status"], res["step"])
+'''
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
+    cfg = make_config(epochs=2, batch_size=4, accumulation=3, lr=1e-2, monitor="score", device="cpu")
+    straight = ToyTask(); Trainer(straight, cfg, tmp_path/"a", quiet=True).fit()
+    (tmp_path/"w.py").write_text(WORKER)
+    run = tmp_path/"b"
+    env = dict(os.environ, ULLSAM_QUIET="1")
+    p = subprocess.Popen([sys.executable, str(tmp_path/"w.py"), str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120:                              # wait until a few optimizer steps are logged
+        if (run/"log.csv").exists() and len((run/"log.csv").read_text().splitlines()) >= 4: break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[0] == "interrupted", out
+    assert (run/"checkpoints"/"last.pt").exists() and not (run/"model.safetensors").exists()
+    resumed = ToyTask(); res = Trainer(resumed, cfg, run, quiet=True).fit(resume=True)
+    assert res["status"] == "done"
+    assert weights_hash(resumed.model) == weights_hash(straight.model)
+    df = read_log(run/"log.csv")                                  # the log reads like one run: each step once
+    assert list(df[df.kind == "train"].step) == list(range(1, 13))    # 16 batches, 3 per step: 6 steps per epoch
+
+def test_interrupt_mid_accumulation_resumes_exactly(tmp_path):
+    cfg = make_config(epochs=2, batch_size=8, accumulation=3, lr=1e-2, monitor="score")
+    straight = ToyTask(); Trainer(straight, cfg, tmp_path/"a", quiet=True).fit()
+    for k in (2, 5, 9):                                            # mid-group, mid-group, first batch of epoch 2
+        run = tmp_path/f"k{k}"
+        assert Trainer(ToyTask(interrupt_at=k), cfg, run, quiet=True).fit()["status"] == "interrupted"
+        t = ToyTask(); Trainer(t, cfg, run, quiet=True).fit(resume=True)
+        assert weights_hash(t.model) == weights_hash(straight.model), k
+
+def test_resume_refuses_changed_batch(tmp_path):
+    cfg = make_config(epochs=1, batch_size=8, monitor="score")
+    Trainer(ToyTask(), cfg, tmp_path, quiet=True).fit(max_steps=2)
+    from ullsam_nb.basics import InputError
+    with pytest.raises(InputError, match="batch_size"):
+        Trainer(ToyTask(), make_config(epochs=1, batch_size=4, monitor="score"), tmp_path, quiet=True).fit(resume=True)
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "off"])
+def test_false_strings_are_false(text, tmp_path):
+    assert str2bool(text) is False
+    f = tmp_path/"c.yaml"; f.write_text(f"sbr_loss: '{text}'\nvalidate: {text}\n")
+    c = load_config(f)
+    assert c.sbr_loss is False and c.validate is False

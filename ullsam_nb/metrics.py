@@ -18,7 +18,7 @@ __all__ = ['SA_THRESHOLDS', 'SCALAR_METRICS', 'LABEL_SUFFIXES', 'Overlaps', 'lab
            'evaluate_folder', 'format_table', 'evaluate_cmd']
 
 # %% ../nbs/06_metrics.ipynb #80fa5bf2
-SA_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
+SA_THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2).tolist())  # a tuple: immutable, and safe as a default argument
 
 # %% ../nbs/06_metrics.ipynb #afa90548
 def _compact(a:np.ndarray):

@@ -59,21 +59,26 @@ def random_shapes(rng:np.random.Generator, n:int, radius:float, aspect:float=1.0
     phi = rng.uniform(0, np.pi, n)
     amp = irregularity * np.array([0.14, 0.14, 0.09, 0.09]) * rng.uniform(0.3, 1.0, (n, 4))
     harm = amp * np.where(rng.random((n, 4)) < 0.5, -1.0, 1.0)
-    return a, b, phi, harm
+    b = np.maximum(b, 1.2 / (1 - np.abs(harm).sum(1)))       # at least ~1 px half-width everywhere: no pixel-thin necks
+    return np.maximum(a, b), b, phi, harm
 
-def place_centres(rng:np.random.Generator, shape, r:np.ndarray, extent:np.ndarray, touching:float, rounds:int=16):
+def place_centres(rng:np.random.Generator, shape, r:np.ndarray, extent:np.ndarray, touching:float, rounds:int=16, chunk:int=256):
     "Random placement in vectorised rounds: object i is kept when its centre keeps a spacing that shrinks from `2 max(extent_i, extent_j) + 2` (touching 0) to `0.55 (r_i + r_j)` (touching 1) from every kept or earlier candidate."
     H, W = shape; t = float(np.clip(touching, 0, 1))
     kept = np.zeros(0, int); ky = kx = np.zeros(0); todo = np.arange(len(r))
     spacing = lambda i, j: np.maximum((1-t)*(2*np.maximum(extent[i][:, None], extent[j][None]) + 2) + t*0.55*(r[i][:, None] + r[j][None]), 2.0)
     for _ in range(rounds):
         if not len(todo): break
-        y, x = rng.integers(0, H, len(todo)).astype(float), rng.integers(0, W, len(todo)).astype(float)
-        ok = ~((y[:, None] - ky[None])**2 + (x[:, None] - kx[None])**2 < spacing(todo, kept)**2).any(1)
-        clash = np.triu((y[:, None] - y[None])**2 + (x[:, None] - x[None])**2 < spacing(todo, todo)**2, 1) & ok[:, None] & ok[None]
-        ok &= ~clash.any(0)                                   # a candidate yields to any earlier clashing candidate
-        kept, ky, kx = np.r_[kept, todo[ok]], np.r_[ky, y[ok]], np.r_[kx, x[ok]]
-        todo = todo[~ok]
+        ys, xs = rng.integers(0, H, len(todo)).astype(float), rng.integers(0, W, len(todo)).astype(float)
+        left = []
+        for c0 in range(0, len(todo), chunk):                 # chunks bound the candidate x candidate matrix
+            idx, y, x = todo[c0:c0+chunk], ys[c0:c0+chunk], xs[c0:c0+chunk]
+            ok = ~((y[:, None] - ky[None])**2 + (x[:, None] - kx[None])**2 < spacing(idx, kept)**2).any(1)
+            clash = np.triu((y[:, None] - y[None])**2 + (x[:, None] - x[None])**2 < spacing(idx, idx)**2, 1) & ok[:, None] & ok[None]
+            ok &= ~clash.any(0)                               # a candidate yields to any earlier clashing candidate
+            kept, ky, kx = np.r_[kept, idx[ok]], np.r_[ky, y[ok]], np.r_[kx, x[ok]]
+            left.append(idx[~ok])
+        todo = np.concatenate(left)
     order = np.argsort(kept, kind="stable")
     return kept[order], ky[order].astype(np.intp), kx[order].astype(np.intp)
 
@@ -208,18 +213,18 @@ def resolve_params(domain:str, rng:np.random.Generator, shape, controls:dict) ->
     drawn = {k: float(rng.uniform(*rg[k])) for k in ("radius", "aspect", "irregularity", "touching", "blur", "noise", "illumination", "contrast", "coverage")}
     stain = STAINS[domain][int(rng.integers(len(STAINS[domain])))]
     if domain == "bbbc005":
-        drawn["radius"] = 6.0 * min(H, W) / 256
+        drawn["radius"] = max(2.0, 6.0 * min(H, W) / 256)
         drawn["n_objects"] = int(rng.integers(1, 101))
         drawn["blur_level"] = BBBC005_BLUR_LEVELS[int(rng.integers(len(BBBC005_BLUR_LEVELS)))]
     p = {**drawn, "stain": stain, **controls}
     if domain == "bbbc005":
         p["blur_level"] = int(p["blur_level"])
         if "blur" not in controls: p["blur"] = bbbc005_sigma(p["blur_level"], min(H, W))
-    if "n_objects" not in p: p["n_objects"] = max(1, int(round(p["coverage"] * H * W / (np.pi * p["radius"]**2))))
+    if "n_objects" not in p: p["n_objects"] = int(np.clip(round(p["coverage"] * H * W / (np.pi * p["radius"]**2)), 1, 4000))
     p.pop("coverage", None)
     p["n_objects"] = int(p["n_objects"])
-    if p["n_objects"] < 1: raise InputError(f"n_objects must be >= 1, got {p['n_objects']}")
-    if p["radius"] <= 0.5: raise InputError(f"radius must be > 0.5 px, got {p['radius']}")
+    if not 1 <= p["n_objects"] <= 65535: raise InputError(f"n_objects must be in 1..65535 (uint16 label ids), got {p['n_objects']}")
+    if p["radius"] < 1: raise InputError(f"radius must be >= 1 px, got {p['radius']}")
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in p.items()}
 
 # %% ../nbs/03_synth.ipynb #d47f843f

@@ -110,3 +110,13 @@ def test_synth_cmd_python_and_cli(tmp_path, capsys):
     if r.returncode != 0 and "synth" in r.stderr and "invalid choice" in r.stderr: pytest.skip("synth not wired into the CLI yet")
     assert r.returncode == 0, r.stderr
     assert tree_hashes(tmp_path/"c") == tree_hashes(tmp_path/"p")
+
+def test_extreme_controls_stay_bounded():
+    from ullsam_nb.basics import InputError
+    s = synth_sample("fluo_cells", 0, size=(520, 696), radius=1.0)        # default count is capped (4000)
+    assert 1000 < s.params["count"] <= 4000 and s.labels.shape == (520, 696)
+    big = synth_sample("em_organelles", 0, size=64, radius=100)               # one object filling the image
+    assert big.params["count"] == 1 and stated_facts(big.caption)["count"] == 1
+    assert synth_sample("bbbc005", 0, size=16).labels.shape == (16, 16)
+    with pytest.raises(InputError, match="n_objects"): synth_sample("fluo_nuclei", 0, n_objects=70000)
+    with pytest.raises(InputError, match="radius"): synth_sample("fluo_nuclei", 0, radius=0.5)

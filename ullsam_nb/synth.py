@@ -16,7 +16,7 @@ from .io import write_image, write_labels, write_jsonl, ullsam_record
 # %% auto #0
 __all__ = ['DOMAINS', 'COUNTING_DOMAINS', 'ALL_DOMAINS', 'CONTROLS', 'DOMAIN_RANGES', 'STAINS', 'BBBC005_BLUR_LEVELS',
            'RENDERERS', 'OBJECT_NAMES', 'OPENERS', 'COUNT_SENTENCES', 'SIZE_CLAUSES', 'APPROX', 'SAMPLE_WORLD',
-           'check_domain', 'domain_rng', 'Objects', 'random_shapes', 'place_centres', 'make_objects', 'Raster',
+           'check_domain', 'domain_rng', 'Objects', 'random_outlines', 'place_centres', 'make_objects', 'Raster',
            'rasterize', 'rasterize_naive', 'linear_upsample', 'smooth_noise', 'illumination_field', 'add_noise', 'blur',
            'to_uint8', 'smoothstep', 'bbbc005_sigma', 'resolve_params', 'label_edges', 'per_object', 'soft_inside',
            'render_fluo_nuclei', 'render_fluo_cells', 'render_phase_contrast', 'render_em_organelles',
@@ -51,7 +51,7 @@ class Objects:
         "Largest distance (px) from an object's centre to its outline."
         return self.a * (1 + np.abs(self.harm).sum(1))
 
-def random_shapes(rng:np.random.Generator, n:int, radius:float, aspect:float=1.0, irregularity:float=0.0, size_jitter:float=0.15):
+def random_outlines(rng:np.random.Generator, n:int, radius:float, aspect:float=1.0, irregularity:float=0.0, size_jitter:float=0.15):
     "Semi-axes, orientations and outline harmonics for `n` objects of mean equivalent radius `radius` px."
     r = radius * np.clip(1 + size_jitter*rng.standard_normal(n), 0.5, 1.6)
     asp = np.maximum(1.0, aspect * np.clip(1 + 0.15*rng.standard_normal(n), 0.7, 1.3))
@@ -84,7 +84,7 @@ def place_centres(rng:np.random.Generator, shape, r:np.ndarray, extent:np.ndarra
 
 def make_objects(rng:np.random.Generator, shape, n:int, radius:float, aspect:float=1.0, irregularity:float=0.0, touching:float=0.0) -> Objects:
     "Draw `n` shapes and place them; objects that do not fit are dropped (the label map is the truth, not `n`)."
-    a, b, phi, harm = random_shapes(rng, n, radius, aspect, irregularity)
+    a, b, phi, harm = random_outlines(rng, n, radius, aspect, irregularity)
     ext = a * (1 + np.abs(harm).sum(1))
     kept, cy, cx = place_centres(rng, shape, np.sqrt(a*b), ext, touching)
     return Objects(cy, cx, a[kept], b[kept], phi[kept], harm[kept])

@@ -188,7 +188,7 @@ def parse(argv=None):
                    "sam,mask,augment, since FlexAttention on the CPU is only the unfused reference)")
     p.add_argument("--img-size", type=int, default=None, help="image side (default 1024; --quick 256)")
     p.add_argument("--warmup", type=int, default=None); p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode of `compiled`")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of `compiled`")
     p.add_argument("--compile-all", action="store_true", help="also compile in fp32/amp and on the CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--quick: cpu)")
     p.add_argument("--quick", action="store_true", help="small CPU run: tiny config at 256^2, batch 1,2")

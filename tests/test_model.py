@@ -213,3 +213,29 @@ def test_official_vit_b_checkpoint(tmp_path):
     with torch.no_grad():
         vlk = m.vlk(torch.randn(1, 256, 64, 64))
         assert m.vlsa(vlk).shape == (1, 256, 64, 64)
+
+
+def test_forward_dispatches_on_stage(batch):
+    m = make("ullsam").set_stage(1)
+    assert set(m(batch)) == {"loss"}
+    m.set_stage(3)
+    assert set(m(batch)) == {"loss", "bce", "dice", "boundary", "n_instances"}
+
+
+def test_frozen_features_on_cpu(batch):
+    f = make("frozen_vlk"); f.feature_cache_device = "cpu"
+    with torch.no_grad(): joint_forward(f, batch)
+    assert all(e.device.type == "cpu" for e, _ in f._features.values())
+
+
+def test_ddp_one_process(batch, tmp_path):
+    "The model trains under DistributedDataParallel (gloo, 1 process) through `forward`, in the joint stage."
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path/'store'}", rank=0, world_size=1)
+    try:
+        m = make("ullsam").set_stage(3).train()
+        ddp = DDP(m, find_unused_parameters=True)
+        ddp(batch)["loss"].backward()
+        assert m.vlsa.s.grad is not None and m.vlk.mlp1[1].weight.grad is not None
+    finally: dist.destroy_process_group()

@@ -367,7 +367,7 @@ def test_describe_cmd_slots_and_prompt_file(tmp_path, server):
         describe_cmd(str(tmp_path/"imgs"), "vllm", str(tmp_path/"o2.jsonl"), model="m", device="cuda")
     with pytest.raises(InputError, match="--base-url does not apply"):
         describe_cmd(str(tmp_path/"imgs"), "transformers", str(tmp_path/"o2.jsonl"), model="m", base_url="http://x")
-    with pytest.raises(InputError, match="not a folder"):
+    with pytest.raises(InputError, match="image folder not found"):
         describe_cmd(str(tmp_path/"missing"), "vllm", str(tmp_path/"o2.jsonl"), model="m", base_url=srv.base_url)
 
 

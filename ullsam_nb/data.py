@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 from .basics import InputError, atomic_write, cache_dir, save_json, load_json, progress, hash_file, shared_data_dir
-from .io import (IMAGE_SUFFIXES, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
+from .io import (IMAGE_SUFFIXES, list_images, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
                           image_to_unit, preprocess_for_sam, masks_to_input, ullsam_record, read_jsonl, write_jsonl,
                           decode_image, decode_labels, encode_labels)
 
@@ -35,9 +35,6 @@ class ImagePair:
     domain: str | None = None
     caption: str = ""
     meta: dict = field(default_factory=dict)
-
-def _image_files(folder:Path) -> list:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 def _find_mask(image_path:Path) -> Path:
     m = mask_path_for(image_path)
@@ -70,7 +67,7 @@ def folder_pairs(root, domain:str=None) -> list:
     for m in MANIFEST_NAMES:
         if (root/m).exists(): known = {p.image_path.resolve(): p for p in manifest_pairs(root/m)}; break
     pairs = []
-    for img in _image_files(root/"images"):
+    for img in list_images(root/"images", recursive=True, required=False):
         rel = img.relative_to(root/"images")
         p = known.get(img.resolve())
         pairs.append(ImagePair(str(rel.with_suffix("")), img, _find_mask(img), (p.domain if p and p.domain else None) or domain or root.name,
@@ -457,7 +454,7 @@ def convert_neurips_cellseg(src, out) -> list:
     src, out, pairs = Path(src), Path(out), []
     for img_dir in sorted(d for d in src.rglob("images") if d.is_dir() and (d.parent/"labels").is_dir()):
         labels = {p.stem.removesuffix("_label"): p for p in (img_dir.parent/"labels").iterdir() if p.is_file()}
-        for img_path in progress(_image_files(img_dir), desc="neurips_cellseg"):
+        for img_path in progress(list_images(img_dir, recursive=True, required=False), desc="neurips_cellseg"):
             if img_path.stem not in labels: continue
             image = _drop_constant_alpha(read_image(img_path))
             pairs.append(_write_sample(out, img_path.stem, image, read_labels(labels[img_path.stem]), "mixed"))
@@ -469,8 +466,8 @@ def convert_lucchi(src, out) -> list:
     for split, tag in (("train", "Train"), ("test", "Test")):
         ins = [d for d in src.rglob(f"{tag}_In") if d.is_dir()]
         if not ins: continue
-        raw = sorted(_image_files(ins[0]), key=_natural_key)
-        gt = sorted(_image_files(ins[0].parent/f"{tag}_Out"), key=_natural_key)
+        raw = sorted(list_images(ins[0], recursive=True, required=False), key=_natural_key)
+        gt = sorted(list_images(ins[0].parent/f"{tag}_Out", recursive=True, required=False), key=_natural_key)
         if len(raw) != len(gt): raise InputError(f"{len(raw)} slices but {len(gt)} masks", ins[0].parent)
         for z, (r, g) in enumerate(progress(list(zip(raw, gt)), desc=f"lucchi {split}")):
             image = read_image(r)

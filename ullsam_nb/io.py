@@ -17,7 +17,7 @@ __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', '
            'as_label_map', 'relabel_sequential', 'read_labels', 'decode_labels', 'encode_labels', 'write_labels',
            'to_rgb', 'normalize_percentile', 'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam',
            'masks_to_original', 'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'read_pair',
-           'ullsam_record', 'read_jsonl', 'write_jsonl']
+           'ullsam_record', 'read_jsonl', 'write_jsonl', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -385,3 +385,14 @@ def write_jsonl(path, records) -> Path:
     with atomic_write(path, "w") as f:
         for r in records: f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
     return Path(path)
+
+# %% ../nbs/01_io.ipynb #9c6a5598
+def list_images(folder, recursive:bool=False, required:bool=True) -> list:
+    "Image files of `folder` (suffixes in `IMAGE_SUFFIXES`), sorted; its `images/` sub-folder if it holds none; `InputError` if none and `required`."
+    folder = Path(folder)
+    if not folder.is_dir(): raise InputError("image folder not found", folder)
+    walk = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files and not recursive and (folder/"images").is_dir(): return list_images(folder/"images", required=required)
+    if not files and required: raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder", folder)
+    return files

@@ -17,15 +17,15 @@ from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from .basics import (InputError, atomic_write, cache_dir, default_device, hash_array, hash_json,
                               hash_state_dict, progress, save_json, load_json)
 from .io import (SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input,
-                          image_to_unit, read_image, read_labels, write_labels, IMAGE_SUFFIXES)
+                          image_to_unit, read_image, read_labels, write_labels, IMAGE_SUFFIXES, list_images)
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'SAM_REGISTRY', 'AMG_PRESETS', 'sam_from_config', 'sam_architecture', 'build_sam', 'strip_key_prefixes',
            'read_checkpoint', 'CheckpointMismatchError', 'check_state_dict', 'load_checkpoint', 'save_model',
            'load_model', 'model_identity', 'embedding_cache_path', 'load_cached_embedding', 'embed_images',
            'embed_image', 'decode_prompts', 'prompts_to_input', 'segment_prompts', 'masks_to_labels', 'CachedPredictor',
-           'clean_small_regions', 'MicroscopyMaskGenerator', 'automatic_segmentation', 'list_images', 'segment_image',
-           'segment_cmd', 'precompute_cmd']
+           'clean_small_regions', 'MicroscopyMaskGenerator', 'automatic_segmentation', 'segment_image', 'segment_cmd',
+           'precompute_cmd']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
 TINY_CONFIG = dict(image_size=256, patch_size=16, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
@@ -421,14 +421,6 @@ def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_
     return (labels, records) if return_records else labels
 
 # %% ../nbs/08_sam.ipynb #e49076dc
-def list_images(folder) -> list:
-    "The image files of `folder` (the suffixes `ullsam_nb.io` reads), sorted by name; `InputError` if none."
-    folder = Path(folder)
-    if not folder.is_dir(): raise InputError("image folder not found", folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files: raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder", folder)
-    return files
-
 def _gt_for(image_path:Path, gt:Path) -> Path:
     p = gt/image_path.name
     if p.exists(): return p

@@ -12,16 +12,16 @@ from typing import Any, Callable
 import numpy as np
 from .basics import (InputError, cache_dir, hash_json, hash_bytes, hash_array, progress, load_json,
                               default_device, seed_everything)
-from .io import read_image, image_to_unit
+from .io import read_image, image_to_unit, list_images, IMAGE_SUFFIXES
 
 # %% auto #0
-__all__ = ['ANSWER_KINDS', 'PROMPT_TEMPLATES', 'TINY_VLM_ARCHS', 'RETRY_STATUSES', 'VLM_BACKENDS', 'IMAGE_SUFFIXES',
-           'PromptTemplate', 'render_prompt', 'load_prompt_templates', 'is_refusal', 'words_to_number',
-           'spelled_numbers_to_digits', 'parse_count', 'parse_label', 'parse_yes_no', 'parse_answer', 'vlm_image',
-           'image_content_hash', 'image_png_bytes', 'image_data_url', 'append_jsonl', 'read_jsonl_tolerant',
-           'TextCache', 'VLMAnswer', 'VLMBackend', 'CallableVLM', 'TransformersVLM', 'save_tiny_vlm', 'VLMHTTPError',
-           'VLMConnectionError', 'retry_after_seconds', 'OpenAICompatibleVLM', 'UllsamMLLMBackend', 'register_backend',
-           'get_backend', 'list_images', 'describe_folder', 'describe_cmd']
+__all__ = ['ANSWER_KINDS', 'PROMPT_TEMPLATES', 'TINY_VLM_ARCHS', 'RETRY_STATUSES', 'VLM_BACKENDS', 'PromptTemplate',
+           'render_prompt', 'load_prompt_templates', 'is_refusal', 'words_to_number', 'spelled_numbers_to_digits',
+           'parse_count', 'parse_label', 'parse_yes_no', 'parse_answer', 'vlm_image', 'image_content_hash',
+           'image_png_bytes', 'image_data_url', 'append_jsonl', 'read_jsonl_tolerant', 'TextCache', 'VLMAnswer',
+           'VLMBackend', 'CallableVLM', 'TransformersVLM', 'save_tiny_vlm', 'VLMHTTPError', 'VLMConnectionError',
+           'retry_after_seconds', 'OpenAICompatibleVLM', 'UllsamMLLMBackend', 'register_backend', 'get_backend',
+           'describe_folder', 'describe_cmd']
 
 # %% ../nbs/10_vlm.ipynb #3a1a63d7
 ANSWER_KINDS = ("text", "label", "count", "yes_no")
@@ -748,16 +748,6 @@ def get_backend(name:str, model=None, **kw) -> VLMBackend:
     return entry["factory"](model=model, **kw)
 
 # %% ../nbs/10_vlm.ipynb #54309fdb
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-
-def list_images(images_dir) -> list:
-    "Image files of a folder, sorted by name (its `images/` sub-folder if it holds none itself)."
-    d = Path(images_dir)
-    if not d.is_dir(): raise InputError("not a folder", d)
-    found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not found and (d/"images").is_dir(): return list_images(d/"images")
-    return found
-
 def describe_folder(images_dir, backend, prompt_name:str="describe", out_jsonl=None, templates:dict=None,
                     max_new_tokens:int=None, cache:bool=True, on_error:str="raise", workers:int=1, quiet:bool=None, **slots) -> dict:
     "Ask `prompt_name` about every image in `images_dir`, appending one JSON line per image to `out_jsonl`; resumable. A summary dict."

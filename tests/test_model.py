@@ -239,3 +239,16 @@ def test_ddp_one_process(batch, tmp_path):
         ddp(batch)["loss"].backward()
         assert m.vlsa.s.grad is not None and m.vlk.mlp1[1].weight.grad is not None
     finally: dist.destroy_process_group()
+
+
+def test_frozen_cache_survives_training_steps(batch):
+    "Optimizer steps on what frozen_vlk trains (mlp2, s, b, prompt encoder, decoder) keep the cache valid: no new encoder call."
+    f = make("frozen_vlk").set_stage(3).train()
+    calls = []
+    f.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    opt = torch.optim.AdamW(f.trainable_parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(); out = f(batch); out["loss"].backward(); opt.step(); losses.append(out["loss"].item())
+    assert len(calls) == 1 and len(f._features) == 2
+    assert losses[-1] < losses[0]

@@ -96,9 +96,9 @@ def test_bbbc005_counts_from_file_names(server):
                                                   "BBBC005_v1_images/SIMCEPImages_A01_C2_F16_s01_w1.TIF": encode_image(np.zeros((30, 40), np.uint8))}),
              "BBBC005_v1_ground_truth.zip": zip_bytes({f"BBBC005_v1_ground_truth/{name}": encode_image((lab > 0).astype(np.uint8) * 255)})}
     pairs, samples = fetch_local("bbbc005", www, base, files)
-    assert len(pairs) == 1 and pairs[0].meta == {"count": 2, "blur": 1, "stain": "w1"}
+    assert len(pairs) == 1 and pairs[0].meta == {"count": 2, "blur_level": 1, "stain": "w1"}
     assert len(instance_ids_of(samples[0].labels)) == 2
-    assert parse_bbbc005_name("SIMCEPImages_A05_C18_F16_s01_w2.TIF") == {"count": 18, "blur": 16, "stain": "w2"}
+    assert parse_bbbc005_name("SIMCEPImages_A05_C18_F16_s01_w2.TIF") == {"count": 18, "blur_level": 16, "stain": "w2"}
     with pytest.raises(InputError, match="not a BBBC005 file name"): parse_bbbc005_name("cells.tif")
 
 

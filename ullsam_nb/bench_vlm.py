@@ -11,22 +11,21 @@ import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 from .basics import InputError, save_json, progress, hash_json, atomic_write
-from .io import read_image, read_labels, read_jsonl, write_jsonl
+from .io import read_image, read_labels, read_jsonl, write_jsonl, list_images
 from .viz import scatter_per_image, plot_metric_bars, save_figure, STYLE
-from .synth import parse_bbbc005_name as synth_bbbc005_name, OBJECT_NAMES, blur_word
-from .data import parse_bbbc005_name as real_bbbc005_name, folder_pairs
+from .synth import parse_bbbc005_name, OBJECT_NAMES, blur_word
+from .data import folder_pairs
 from .metrics import classification_metrics, counting_errors, dice_score, instance_metrics
 from .vlm import (VLMBackend, VLMHTTPError, VLMConnectionError, get_backend, render_prompt, parse_count,
-                           parse_label, parse_yes_no, append_jsonl, read_jsonl_tolerant, list_images, VLM_BACKENDS,
-                           IMAGE_SUFFIXES)
+                           parse_label, parse_yes_no, append_jsonl, read_jsonl_tolerant, VLM_BACKENDS)
 
 # %% auto #0
 __all__ = ['VQA_ANSWER_TYPES', 'MODALITY_OF_DOMAIN', 'MODALITY_CHOICES', 'NO_ANSWER', 'BENCH_TASKS', 'PacedVLM', 'backend_label',
-           'answer_key', 'ask_items', 'classification_items', 'bbbc005_facts', 'counting_items', 'segmentation_items',
-           'vqa_record', 'load_vqa', 'synth_vqa_questions', 'make_synth_vqa', 'shipped_vqa_path', 'normalize_answer',
-           'vqa_prompt', 'score_vqa', 'plot_confusion', 'plot_count_scatter', 'plot_error_by_blur', 'BenchResult',
-           'markdown_table', 'write_bench', 'bench_classification', 'sam_counts', 'bench_counting',
-           'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
+           'answer_key', 'ask_items', 'classification_items', 'counting_items', 'segmentation_items', 'vqa_record',
+           'load_vqa', 'synth_vqa_questions', 'make_synth_vqa', 'shipped_vqa_path', 'normalize_answer', 'vqa_prompt',
+           'score_vqa', 'plot_confusion', 'plot_count_scatter', 'plot_error_by_blur', 'BenchResult', 'markdown_table',
+           'write_bench', 'bench_classification', 'sam_counts', 'bench_counting', 'bench_segmentation', 'vqa_items',
+           'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
 
 # %% ../nbs/16_bench_vlm.ipynb #ad160fff
 class PacedVLM(VLMBackend):
@@ -82,9 +81,6 @@ def ask_items(items:list, backend:VLMBackend, out_jsonl=None, min_interval:float
     return records
 
 # %% ../nbs/16_bench_vlm.ipynb #7d347659
-def _images_under(folder:Path) -> list:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
 def classification_items(data, labels=None) -> list:
     "Items `{id, image_path, label}`: class sub-folders `data/<class>/**/image`, or a synthetic world (`captions.jsonl` domains)."
     root = Path(data)
@@ -94,23 +90,18 @@ def classification_items(data, labels=None) -> list:
                  for r in read_jsonl(root/"captions.jsonl") if r.get("domain")]
     else:
         items = [dict(id=f"{d.name}/{f.relative_to(d).with_suffix('')}", image_path=str(f), label=d.name)
-                 for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) for f in _images_under(d)]
+                 for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) for f in list_images(d, recursive=True, required=False)]
     if labels is not None:
         keep = set(labels); items = [it for it in items if it["label"] in keep]
     if not items: raise InputError("no classification images: expected class sub-folders of images, or a captions.jsonl with domains", root)
     return items
 
 # %% ../nbs/16_bench_vlm.ipynb #ca0fddbc
-def bbbc005_facts(name) -> dict:
-    "`{'count', 'blur_level'}` from a BBBC005 file name, real (`..._C18_F1_s01_w1.TIF`) or synthetic (`SIMCEP_A01_C18_F1_s01`)."
-    try: f = real_bbbc005_name(Path(name).name); return dict(count=f["count"], blur_level=f["blur"])
-    except InputError: return synth_bbbc005_name(name)
-
 def counting_items(data) -> list:
-    "Items `{id, image_path, count, blur_level, mask_path}` for every image of `data` (or `data/images`) with a BBBC005-style name."
+    "Items `{id, image_path, count, blur_level, (stain,) mask_path}` for every image of `data` (or `data/images`) with a BBBC005-style name."
     items = []
     for f in list_images(data):
-        try: facts = bbbc005_facts(f.name)
+        try: facts = parse_bbbc005_name(f.name)
         except InputError: continue
         m = f.parent.parent/"masks"/f.name if f.parent.name == "images" else None
         items.append(dict(id=f.stem, image_path=str(f), **facts, mask_path=str(m) if m is not None and m.exists() else None))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 from .basics import InputError, atomic_write, cache_dir, save_json, load_json, progress, hash_file, shared_data_dir
+from .synth import parse_bbbc005_name
 from .io import (IMAGE_SUFFIXES, list_images, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
                           image_to_unit, preprocess_for_sam, masks_to_input, ullsam_record, read_jsonl, write_jsonl,
                           decode_image, decode_labels, encode_labels)
@@ -19,9 +20,8 @@ __all__ = ['MANIFEST_NAMES', 'SPLITS', 'LOCK_NAME', 'ARCHIVE_SUFFIXES', 'DATASET
            'folder_pairs', 'pairs_from_files', 'write_manifest', 'split_of', 'select_split', 'LoadedSample',
            'load_pair', 'load_pairs', 'instance_ids_of', 'InstanceDataset', 'collate_instances', 'to_hf_dataset',
            'hf_example_arrays', 'hf_to_folder', 'DownloadError', 'download_file', 'extract_archive', 'convert_dsb2018',
-           'convert_bbbc039', 'parse_bbbc005_name', 'convert_bbbc005', 'convert_livecell', 'convert_neurips_cellseg',
-           'convert_lucchi', 'RemoteFile', 'DatasetSource', 'fetch_dataset', 'download_cmd', 'shared_real_pairs',
-           'shared_dsb2018_pairs']
+           'convert_bbbc039', 'convert_bbbc005', 'convert_livecell', 'convert_neurips_cellseg', 'convert_lucchi',
+           'RemoteFile', 'DatasetSource', 'fetch_dataset', 'download_cmd', 'shared_real_pairs', 'shared_dsb2018_pairs']
 
 # %% ../nbs/04_data.ipynb #e0e12a67
 MANIFEST_NAMES = ("manifest.jsonl", "captions.jsonl")
@@ -397,12 +397,6 @@ def convert_bbbc039(src, out) -> list:
         meta = {"split": split_of_file[img_path.stem]} if img_path.stem in split_of_file else {}
         pairs.append(_write_sample(out, img_path.stem, read_image(img_path), labels, "fluorescence", **meta))
     return pairs
-
-def parse_bbbc005_name(name:str) -> dict:
-    "BBBC005 file-name facts: `{'count': C, 'blur': F, 'stain': 'w1'/'w2'}` from e.g. `SIMCEPImages_A05_C18_F1_s01_w1.TIF`."
-    m = re.search(r"_C(\d+)_F(\d+)_s\d+_(w\d)", name)
-    if not m: raise InputError("not a BBBC005 file name (expected ..._C<count>_F<blur>_s<site>_w<stain>...)", name)
-    return {"count": int(m.group(1)), "blur": int(m.group(2)), "stain": m.group(3)}
 
 def convert_bbbc005(src, out) -> list:
     "BBBC005 `*images*/*.TIF` + `*ground_truth*/*.TIF` (binary foreground, in-focus F1 only) -> folder; count/blur in `meta`."

@@ -452,10 +452,13 @@ def bbbc005_name(count:int, blur_level:int, index:int=0) -> str:
     return f"SIMCEP_{well}_C{count}_F{blur_level}_s{index // 384 + 1:02d}"
 
 def parse_bbbc005_name(name:str) -> dict:
-    "Count C and focus level F from a BBBC005 file name (ours or the real `SIMCEP_images_A01_C1_F1_s01_w1.TIF`)."
-    m = re.search(r"_C(\d+)_F(\d+)_", Path(name).name)
+    "Count C, focus level F (and the stain `w1`/`w2` when named) from a BBBC005 file name: ours or the real `SIMCEPImages_A05_C18_F1_s01_w1.TIF`."
+    n = Path(name).name
+    m = re.search(r"_C(\d+)_F(\d+)_", n)
     if m is None: raise InputError("not a BBBC005 file name (expects ..._C<count>_F<blur>_...)", name)
-    return dict(count=int(m[1]), blur_level=int(m[2]))
+    facts = dict(count=int(m[1]), blur_level=int(m[2]))
+    if w := re.search(r"_s\d+_(w\d+)", n): facts["stain"] = w[1]
+    return facts
 
 def synth_sample(domain:str, seed:int, size=256, **controls) -> SynthSample:
     "Render one image of `domain` with its instance labels and a caption; the same arguments always give the same arrays."

@@ -172,11 +172,11 @@ def test_save_load_round_trip(mode, batch, tmp_path, world):
 
 def test_load_as_frozen_vlk_and_errors(tmp_path):
     m = make("ullsam"); m.save(tmp_path / "a")
-    f = ULLSAM.load(tmp_path / "a", mode="frozen_vlk", stage_parts=None)
+    f = ULLSAM.load(tmp_path / "a", mode="frozen_vlk")
     assert f.config.mode == "frozen_vlk" and "image_encoder" not in f.stage_parts(3)
     with pytest.raises(InputError, match="config.json missing"): ULLSAM.load(tmp_path / "nothing")
     b = make("baseline"); b.save(tmp_path / "b")
-    with pytest.raises(InputError, match="do not fit"): ULLSAM.load(tmp_path / "b", mode="ullsam", stage_parts=None)
+    with pytest.raises(InputError, match="do not fit"): ULLSAM.load(tmp_path / "b", mode="ullsam")
 
 
 def test_config_json(tmp_path):

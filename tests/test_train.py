@@ -88,6 +88,19 @@ def _same_tensors(a, b):
     a, b = load_file(a), load_file(b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+def test_train_cmd_toy_max_steps_then_resume_equals_straight_run(tmp_path):
+    from ullsam_nb.train import train_cmd
+    s = "task=toy,synth_n=64,batch_size=4,accumulation=2,epochs=4,lr=1e-2,monitor=score"
+    assert train_cmd(str(tmp_path/"a"), preset="tiny", max_steps=10, set=s, quiet=True) == 0
+    assert train_cmd(str(tmp_path/"a"), max_steps=20, resume=True, quiet=True) == 0
+    assert train_cmd(str(tmp_path/"b"), preset="tiny", max_steps=20, set=s, quiet=True) == 0
+    assert hash_file(tmp_path/"a"/"model.safetensors") == hash_file(tmp_path/"b"/"model.safetensors")
+    for f in ("config.json", "log.csv", "checkpoints/last.pt", "checkpoints/epoch_002.safetensors", "best/model.safetensors"):
+        assert (tmp_path/"a"/f).exists(), f
+
+SLOW = pytest.mark.skipif(not os.environ.get("ULLSAM_SLOW"), reason="slow: set ULLSAM_SLOW=1")
+
+@SLOW
 def test_train_cmd_max_steps_then_resume_equals_straight_run(tmp_path):
     from ullsam_nb.train import train_cmd
     world = _tiny_world(tmp_path)

@@ -1,0 +1,108 @@
+"""Zeus: phantom generator, instruction generation + cache, text encoder, the three fusion variants, training, the CLI function."""
+import json
+import numpy as np
+import pytest
+import torch
+from ullsam_nb.basics import InputError
+from ullsam_nb.vlm import CallableVLM
+from ullsam_nb.zeus import (FUSIONS, PHANTOM_MODALITIES, ZeusCase, ZeusModel, ZeusTask, zeus_phantom, phantom_cases, target_contrast,
+                            handbook_backend, handbook_instruction, modality_instructions, tiny_text_encoder, train_zeus,
+                            evaluate_zeus, count_parameters, load_nifti_case, zeus_cmd, zeus_loss, cpu_threads)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with cpu_threads(1): yield
+
+@pytest.fixture(scope="module")
+def cases(): return phantom_cases(10, seed=5)
+
+@pytest.fixture(scope="module")
+def text(cases):
+    return tiny_text_encoder().embed(list(modality_instructions(handbook_backend(), cases, cache=False).values()))
+
+def test_phantom_is_deterministic_and_coregistered():
+    a, b = zeus_phantom(11), zeus_phantom(11)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.target, b.target)
+    assert a.images.shape == (3, 64, 64) and a.images.min() >= 0 and a.images.max() <= 1
+    assert not np.array_equal(a.images, zeus_phantom(12).images)
+    assert zeus_phantom(11, size=96).target.shape == (96, 96)
+    with pytest.raises(InputError, match="unknown phantom modality"): zeus_phantom(1, modalities=("PET",))
+
+def test_target_visibility_per_modality(cases):
+    vis = {m: np.array([target_contrast(c, m) for c in cases]) for m in PHANTOM_MODALITIES}
+    assert (vis["T2-like"] > 2).all() and (vis["CT-like"] > 1).mean() > 0.8     # clear, moderate
+    assert np.median(vis["T1-like"]) < 1 and vis["T2-like"].mean() > vis["CT-like"].mean() > vis["T1-like"].mean()
+
+def test_instruction_cache(cases, tmp_path, monkeypatch):
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path))
+    calls = []
+    def fn(image, prompt, n): calls.append(prompt); return handbook_instruction(prompt)
+    first = modality_instructions(CallableVLM(fn, name="h"), cases, instance="the tumour")
+    again = modality_instructions(CallableVLM(fn, name="h"), cases, instance="the tumour")
+    assert first == again and len(calls) == 3
+    assert "Imaging modality: CT." in calls[2] and "the tumour" in calls[2]
+    assert first["T2-like"].startswith("On T2-weighted MRI the tumour")
+    modality_instructions(CallableVLM(fn, name="h"), cases, instance="the organ")             # a new instance is a new prompt
+    assert len(calls) == 6
+
+def test_text_encoder_deterministic():
+    a, b = tiny_text_encoder(), tiny_text_encoder()
+    texts = ["On CT bone is very bright.", "On T2-weighted MRI the lesion is bright."]
+    assert torch.equal(a.embed(texts), b.embed(texts)) and a.embed(texts).shape == (2, a.dim)
+    assert not a.embed(texts).requires_grad
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("use", [True, False])
+def test_fusion_variant_shapes_gradients_step(fusion, use, cases, text):
+    model = ZeusModel(3, fusion, text.shape[-1], use_instructions=use)
+    x = torch.from_numpy(np.stack([c.images for c in cases[:2]]))
+    y = torch.from_numpy(np.stack([c.target for c in cases[:2]])[:, None].astype(np.float32))
+    t = text.expand(2, -1, -1) if use else None
+    logits = model(x, t)
+    assert logits.shape == (2, 1, 64, 64)
+    zeus_loss(logits, y).backward()
+    enc_grads = [p.grad for e in model.encoders for p in e.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in enc_grads)
+    assert (model.project.weight.grad.abs().sum() > 0) if use else model.project is None
+    if fusion == "late": assert model.late_logits.grad is not None
+    if fusion == "hybrid": assert len(model.encoders) == 3 and model.fuse.weight.grad is not None
+    r = train_zeus(fusion, use, cases[:4], cases[4:6], text, steps=1, batch_size=2)        # one step of the shared loop
+    assert r["steps"] == 1 and 0 <= r["DSC"] <= 1 and 0 <= r["mIoU"] <= 1
+
+def test_parameter_counts_order():
+    n = {f: count_parameters(ZeusModel(3, f)) for f in FUSIONS}
+    assert n["late"] < n["early"] < n["hybrid"]
+    assert count_parameters(ZeusModel(3, "late")) - count_parameters(ZeusModel(3, "late", use_instructions=False)) == 32 * 32 + 32
+
+def test_instructions_change_the_prediction(text):
+    m = ZeusModel(3, "early").eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(m(x, text[None]), m(x, text[None] + 1))
+        assert torch.allclose(m(x, text[None]), m(x, text[None].flip(1)), atol=1e-5)   # sparse tokens carry no position: order-free
+    with pytest.raises(InputError, match="pass text embeddings"): m(x, None)
+    with pytest.raises(InputError, match="built for 3 modalities"): m(torch.rand(1, 2, 64, 64), text[None])
+
+def test_training_learns(cases, text):
+    more = phantom_cases(20, seed=9)
+    r = train_zeus("early", True, more[:16], more[16:], text, steps=25, batch_size=4, lr=5e-3)
+    assert r["DSC"] > 0.3, r
+
+def test_case_checks_and_nifti_optional(tmp_path):
+    with pytest.raises(InputError, match="one modality name each"): ZeusCase(np.zeros((2, 4, 4), np.float32), ("a",), np.zeros((4, 4), bool))
+    try: import nibabel as nib
+    except ImportError:
+        with pytest.raises(InputError, match="pip install nibabel"): load_nifti_case({"T1": tmp_path/"t1.nii.gz"}, tmp_path/"l.nii.gz")
+        return
+    vol = np.random.default_rng(0).random((8, 8, 5)).astype(np.float32); lab = np.zeros((8, 8, 5), np.uint8); lab[2:5, 2:5, 3] = 1
+    for n, v in [("t1", vol), ("t2", vol * 2), ("l", lab)]: nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path/f"{n}.nii.gz"))
+    c = load_nifti_case({"T1": tmp_path/"t1.nii.gz", "T2": tmp_path/"t2.nii.gz"}, tmp_path/"l.nii.gz")
+    assert c.images.shape == (2, 8, 8) and c.target.sum() == 9 and c.params["slice"] == 3
+
+def test_zeus_cmd_writes_results(tmp_path, capsys):
+    assert zeus_cmd(quick=True, steps=2, out=str(tmp_path)) == 0
+    res = json.loads((tmp_path/"results.json").read_text())
+    assert len(res["table"]) == 6 and {r["fusion"] for r in res["table"]} == set(FUSIONS)
+    assert set(json.loads((tmp_path/"instructions.json").read_text())) == set(PHANTOM_MODALITIES)
+    assert (tmp_path/"predictions.png").stat().st_size > 0 and "| fusion |" in capsys.readouterr().out
+    with pytest.raises(InputError, match="unknown Zeus preset"): zeus_cmd(preset="brats")

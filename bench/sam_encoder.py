@@ -5,7 +5,8 @@ In one process and on the same random weights (the fast variants share the refer
   mask       FastImageEncoder, SDPA with the decomposed rel-pos bias as an additive float mask;
   augment    FastImageEncoder, SDPA on a query/key augmented with the bias factors (no mask);
   flex       FastImageEncoder, FlexAttention with the bias in a score_mod (compiled kernel on CUDA; CPU: forward only);
-  compiled   torch.compile(FastImageEncoder(attention="auto")); timed only in bf16 unless --compile-all.
+  compiled   torch.compile(FastImageEncoder(attention="auto")), i.e. flex on CUDA; timed only in bf16 unless
+             --compile-all. Also available (not run by default): compiled-mask, compiled-augment, compiled-flex.
 Precisions: fp32 (TF32 off), bf16 (both models cast to bf16), amp (fp32 weights, bf16 autocast).
 Modes: fwd (no_grad) and fwdbwd (forward + backward of a random output gradient, parameter grads reset each step).
 Timing: warm-up iterations, then each iteration timed alone (CUDA events on a GPU), median reported; two input sets
@@ -27,6 +28,7 @@ from ullsam_nb.basics import save_json
 from ullsam_nb.encoder import FastImageEncoder, encoder_config, random_image_encoder
 
 VARIANTS = ("sam", "mask", "augment", "flex", "compiled")
+EXTRA_VARIANTS = ("compiled-mask", "compiled-augment", "compiled-flex")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}
 
 
@@ -69,8 +71,9 @@ def flops_per_image(name, img_size):
 def make_model(variant, ref, args):
     "The module timed for `variant`, on `ref`'s (shared) parameters."
     if variant == "sam": return ref
-    if variant == "compiled":
-        return torch.compile(FastImageEncoder.from_sam(ref, attention="auto"), mode=args.compile_mode, dynamic=False)
+    if variant.startswith("compiled"):
+        attention = variant.partition("-")[2] or "auto"
+        return torch.compile(FastImageEncoder.from_sam(ref, attention=attention), mode=args.compile_mode, dynamic=False)
     return FastImageEncoder.from_sam(ref, attention=variant)
 
 
@@ -119,8 +122,9 @@ def main(args):
                                    variant=variant)
                         skip = None
                         if variant == "flex" and dev.type != "cuda" and mode == "fwdbwd": skip = "no CPU backward"
-                        if variant == "compiled" and precision != "bf16" and not args.compile_all: skip = "bf16 only"
-                        if variant == "compiled" and dev.type != "cuda" and not args.compile_all: skip = "CUDA only"
+                        compiled = variant.startswith("compiled")
+                        if compiled and precision != "bf16" and not args.compile_all: skip = "bf16 only"
+                        if compiled and dev.type != "cuda" and not args.compile_all: skip = "CUDA only"
                         if skip:
                             rows.append({**row, "skipped": skip}); continue
                         try:
@@ -184,7 +188,7 @@ def parse(argv=None):
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default 1,8)")
     p.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16, amp")
     p.add_argument("--mode", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd")
-    p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default all; --quick: "
+    p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS + EXTRA_VARIANTS)} (default: the first five; --quick: "
                    "sam,mask,augment, since FlexAttention on the CPU is only the unfused reference)")
     p.add_argument("--img-size", type=int, default=None, help="image side (default 1024; --quick 256)")
     p.add_argument("--warmup", type=int, default=None); p.add_argument("--iters", type=int, default=None)
@@ -203,7 +207,7 @@ def parse(argv=None):
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
     a.iters = a.iters or (5 if a.quick else 10)
     for v in a.variants:
-        if v not in VARIANTS: p.error(f"unknown variant {v!r}")
+        if v not in VARIANTS + EXTRA_VARIANTS: p.error(f"unknown variant {v!r}")
     return a
 
 

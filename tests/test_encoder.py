@@ -150,8 +150,9 @@ def test_vit_b_architecture_small_image():
             assert rel_err(FastImageEncoder.from_sam(ref, attention=m)(x), expected) < 1e-5
 
 @slow
-def test_torch_compile_cpu():
+@pytest.mark.parametrize("method", ["augment", "flex"])   # flex: falls back to the mask under a CPU compile
+def test_torch_compile_cpu(method):
     ref = random_image_encoder("tiny").eval()
-    fast = fast_image_encoder(ref, compile=True, attention="augment")
+    fast = fast_image_encoder(ref, compile=True, attention=method)
     x = _images(ref, 2)
     with torch.no_grad(): assert rel_err(fast(x), ref(x)) < 1e-5

@@ -26,6 +26,8 @@ def main(argv=None):
     rc = train_cmd(str(out), preset="tiny", set=",".join(extra), quiet=True)
     wall = time.perf_counter() - t0
     df = read_log(out/"log.csv")
+    for c in ("mSA", "SA50", "dice"):
+        if c not in df.columns: df[c] = float("nan")
     val = df[df.kind == "val"][["epoch", "step", "mSA", "SA50", "dice"]]
     tr = df[df.kind == "train"]
     rows = [dict(epoch=0, step=0, **{k: round(float(before[k]), 4) for k in ("mSA", "SA50", "dice")})] + \
@@ -38,7 +40,7 @@ def main(argv=None):
     print(f"{'epoch':>5} {'step':>5} {'mSA':>7} {'SA50':>7} {'dice':>7}")
     for r in rows: print(f"{r['epoch']:>5} {r['step']:>5} {r['mSA']:>7.4f} {r['SA50']:>7.4f} {r['dice']:>7.4f}")
     print(f"train loss {res['first_loss']} -> {res['last_loss']} in {res['steps']} steps, {wall:.0f} s")
-    dest = Path(__file__).parent/"results"/("train_tiny_quick.json" if a.quick else f"train_tiny_{a.mode}.json")
+    dest = Path(__file__).parent/"results"/"train_tiny.json"
     from ullsam_nb.basics import save_json
     save_json(res, dest)
     return 0

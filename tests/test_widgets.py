@@ -132,8 +132,9 @@ def test_session_frontend_handlers(tiny_sam):
     with pytest.raises(InputError, match="unknown frontend"): PromptSession(tiny_sam, s.image, frontend="qt")
 
 def test_session_vlk_toggle(ullsam_model, pairs):
-    s = load_pair([p for p in pairs if p.domain == "fluo_nuclei"][0])
-    sess = PromptSession(ullsam_model, s.image)
+    pair = [p for p in pairs if p.domain == "fluo_nuclei"][0]
+    s = load_pair(pair)
+    sess = PromptSession(ullsam_model, pair.image_path)                 # an image file works too
     assert sess.vlk.value and not sess.vlk.disabled and sess.dense is not None
     sess.on_click(60, 70); sess.on_click(90, 75)
     on, png_on = sess.mask.copy(), sess.image.value

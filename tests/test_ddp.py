@@ -56,3 +56,27 @@ def test_only_rank0_writes(ddp_run):
     df = pd.read_csv(run/"log.csv")
     assert list(df[df.kind == "train"].step) == list(range(1, 11))         # one writer: no duplicated rows
     assert not list(run.glob("**/*.tmp"))
+
+SCRIPT_TINY = r'''
+import sys, torch
+from pathlib import Path
+from ullsam_nb.train import train_cmd, init_distributed
+out, world = Path(sys.argv[1]), sys.argv[2]
+info = init_distributed("cpu")
+s = f"mode=baseline,data={world},val_data={world},max_train_images=4,max_val_images=1,batch_size=1,epochs=1,device=cpu"
+train_cmd(str(out/"run"), preset="tiny", set=s, quiet=True)
+'''
+
+@pytest.mark.skipif(not os.environ.get("ULLSAM_SLOW"), reason="slow: set ULLSAM_SLOW=1")
+def test_ddp_tiny_segmentation(tmp_path):
+    "The real stage-3 task under torchrun (2 gloo ranks): runs, and rank 0 writes a loadable model."
+    from ullsam_nb.synth import make_world
+    world = make_world(tmp_path/"world", n=4, seed=3)
+    (tmp_path/"worker.py").write_text(SCRIPT_TINY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ULLSAM_QUIET="1", ULLSAM_DEVICE="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(tmp_path/"worker.py"), str(tmp_path), str(world)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ullsam_nb.model import ULLSAM
+    assert ULLSAM.load(tmp_path/"run").config.mode == "baseline"

@@ -41,7 +41,7 @@ def test_viewer_predictions_lazy_cached_and_folder(pairs, tmp_path):
         return (sample.labels > 0).astype(np.uint8)
     lab = load_pair(pairs[2]).labels
     write_labels(tmp_path/f"{pairs[2].name}.png", lab.astype(np.uint16))      # other suffix than the image's .tif
-    v = DatasetViewer(pairs[:4], predictions={"fake": fake, "folder": tmp_path})
+    v = DatasetViewer(pairs[:4], predictions={"fake": fake, "folder": tmp_path, "dict": {pairs[1].name: lab}})
     assert calls == []                                                          # nothing computed while toggles are off
     one = png_array(v.image.value)
     v.model_toggles["fake"].value = True
@@ -57,6 +57,8 @@ def test_viewer_predictions_lazy_cached_and_folder(pairs, tmp_path):
     assert v.shown_models() == ["fake", "folder"]
     v.model_toggles["fake"].value = False
     assert v.shown_models() == ["folder"]
+    assert v.prediction("dict", 2) is None
+    np.testing.assert_array_equal(v.prediction("dict", 1), lab)
 
 def test_viewer_prompts_follow_protocol(pairs):
     samples = [load_pair(p) for p in pairs[:2]]
@@ -71,7 +73,7 @@ def test_viewer_prompts_follow_protocol(pairs):
     assert v.image.value not in (off, pts) and v.prompts(0)["boxes"].shape == (3, 4)
 
 def test_viewer_bad_input(pairs):
-    with pytest.raises(InputError, match="not a folder or a callable"): DatasetViewer(pairs, predictions={"x": "/no/such"})
+    with pytest.raises(InputError, match="not a folder, a dict or a callable"): DatasetViewer(pairs, predictions={"x": "/no/such"})
     with pytest.raises(InputError, match="no images"): DatasetViewer([])
 
 def test_model_predictor_matches_protocol(pairs, tiny_sam):

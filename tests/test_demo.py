@@ -11,9 +11,12 @@ from ullsam_nb.data import shared_real_pairs
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    t0 = time.perf_counter()
-    rc = demo_cmd(str(out), quick=True, quiet=True)
-    return out, rc, time.perf_counter() - t0
+    with pytest.MonkeyPatch.context() as mp:          # module scope: set the cache root here (conftest's fixture is per test)
+        mp.setenv("ULLSAM_CACHE_DIR", str(tmp_path_factory.mktemp("demo_cache")))
+        mp.setenv("MPLBACKEND", "Agg")
+        t0 = time.perf_counter()
+        rc = demo_cmd(str(out), quick=True, quiet=True)
+        return out, rc, time.perf_counter() - t0
 
 
 def test_quick_demo_outputs(quick_run):
@@ -48,6 +51,22 @@ def test_quick_demo_resumes(quick_run, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert all(s["skipped"] for s in m["stages"])
     assert "mSA (mean over images)" in capsys.readouterr().out
+
+
+def test_stage0_cache_is_reused(quick_run, tmp_path, monkeypatch):
+    "Stage 0 (the stand-in for a pretrained SAM) is cached: a run in another folder copies it instead of training."
+    out, _, _ = quick_run
+    from ullsam_nb.demo import stage_cache_key, run_stage
+    plan = demo_plan(tmp_path, quick=True)
+    stage0 = plan["stages"][0]
+    key = stage_cache_key(stage0, plan["world"])
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "cache"))
+    from ullsam_nb.basics import cache_dir
+    import shutil
+    shutil.copytree(out / "stages" / "stage0", cache_dir("demo") / f"stage0-{key}")
+    rec = run_stage(stage0, tmp_path, quiet=True, cache_key=key)
+    assert rec["skipped"] and "cached_from" in rec
+    assert (tmp_path / "stages" / "stage0" / "model.safetensors").read_bytes() == (out / "stages" / "stage0" / "model.safetensors").read_bytes()
 
 
 def test_paper_plan_without_running(tmp_path, capsys):

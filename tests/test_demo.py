@@ -35,7 +35,8 @@ def test_quick_demo_outputs(quick_run):
     assert [s["key"] for s in m["stages"]] == ["stage0", "stage1", "stage2", *DEMO_MODELS]
     assert all(s["trained_steps"] >= 1 for s in m["stages"])
     assert m["wall_s"]["total_s"] > 0
-    for fig in ("training_curves.png", "metric_bars_mSA.png", "overlays_in-domain.png", "overlays_out-of-domain.png"):
+    assert m["figures"] == ["overlays.png", "training_curves.png", "metric_bars_mSA.png", "metric_bars_instance_dice.png"]
+    for fig in m["figures"]:
         p = out / fig
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     for s in m["stages"]:

@@ -15,8 +15,8 @@ from .basics import (InputError, atomic_write, atomic_path, save_json, load_json
                               seed_everything, progress, hash_state_dict)
 
 # %% auto #0
-__all__ = ['TRUE_WORDS', 'FALSE_WORDS', 'STAGES', 'MODES', 'PRESETS', 'NO_DECAY_WORDS', 'str2bool', 'TrainConfig', 'make_config',
-           'load_config', 'save_config', 'is_no_decay', 'decay_groups', 'warmup_cosine', 'make_scheduler', 'DistInfo',
+__all__ = ['TRUE_WORDS', 'FALSE_WORDS', 'PRESETS', 'NO_DECAY_WORDS', 'str2bool', 'TrainConfig', 'make_config', 'load_config',
+           'save_config', 'is_no_decay', 'decay_groups', 'warmup_cosine', 'make_scheduler', 'DistInfo',
            'init_distributed', 'barrier', 'rng_state', 'set_rng_state', 'isolated_rng', 'ResumableSampler', 'CSVLog',
            'read_log', 'StopFlag', 'save_weights', 'Trainer', 'ToyDataset', 'ToyTask', 'weights_hash', 'CaptionDataset',
            'collate_captions', 'CaptionTask', 'prompted_instance_scores', 'SegmentationTask', 'synthetic_world',
@@ -38,8 +38,7 @@ def str2bool(value) -> bool:
     raise InputError(f"not a boolean: {value!r} (use true/false, yes/no, on/off or 1/0)")
 
 # %% ../nbs/14_train.ipynb #42619a47
-STAGES = {1: "caption_pretrain", 2: "caption_sft", 3: "joint"}
-MODES = ("baseline", "ullsam", "frozen_vlk")
+from .model import STAGES, MODES   # one home for the stage and mode names: the model
 
 @dataclass
 class TrainConfig:

@@ -1,5 +1,6 @@
 "Evaluation protocols (ullsam_nb.evaluate) with a tiny random SAM: corrective clicks, iterative prompting, runner, files."
 import json
+from types import SimpleNamespace
 import numpy as np, pytest, torch
 from scipy import ndimage as ndi
 from ullsam_nb.evaluate import (corrective_point, protocol_prompts, prompted_segmentation, evaluate_image, evaluate_models,
@@ -102,3 +103,23 @@ def test_split_predictions_and_worst_cases(tiny):
     assert len(w) == 1 and w.iloc[0]["model"] == "b"
     fig = show_worst_cases(per_image, samples, preds, "mSA", k=2, model="a")
     assert len(fig.axes) == 4
+
+
+def test_evaluate_models_takes_ullsam_models_beside_sam():
+    "Zero-shot SAM and uLLSAM models in one table; a uLLSAM model is scored with its own dense prompt and preprocessing."
+    from ullsam_nb.model import ULLSAM, UllsamConfig
+    from ullsam_nb.evaluate import evaluate_models, evaluate_image
+    model = ULLSAM.from_config(UllsamConfig(sam="tiny", llm="tiny", mode="ullsam")).eval()
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 80), np.uint16); labels[10:30, 10:30] = 3; labels[35:60, 40:70] = 9
+    image = (rng.random((64, 80)) * 50 + (labels > 0) * 150).astype(np.uint8)
+    sample = SimpleNamespace(image=image, labels=labels, pair=SimpleNamespace(name="toy", domain="synthetic"))
+    per_image, per_inst = evaluate_models({"sam": model.sam, "ullsam": model}, [sample], protocols=("ullsam_points",),
+                                          cache=False, progress_bar=False)
+    assert sorted(per_image["model"]) == ["sam", "ullsam"]
+    _, _, dense = model.prepare_image(image)
+    _, direct = evaluate_image(model.sam, image, labels, protocols=("ullsam_points",), dense_prompt=dense,
+                               mode=model.config.preprocess, cache=False)
+    got = per_image[per_image.model == "ullsam"].iloc[0]
+    assert got["instance_dice"] == pytest.approx(direct[0]["instance_dice"])
+    assert got["mSA"] == pytest.approx(direct[0]["mSA"])

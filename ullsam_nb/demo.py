@@ -190,21 +190,20 @@ def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> di
 # %% ../nbs/19_demo.ipynb #5c7a84eb
 def evaluate_demo_models(models:dict, sets:dict, protocols=DEMO_PROTOCOLS, seed:int=0, n_instances:int|None=None,
                          predictions:dict|None=None, quiet:bool=False) -> tuple:
-    "`ULLSAM` models (name -> model) × evaluation sets × protocols -> `(per_image, per_instance)` DataFrames; label maps into `predictions`."
+    "`ULLSAM` models (name -> model) × evaluation sets (split -> samples) × protocols -> `(per_image, per_instance)`; label maps into `predictions`."
     import pandas as pd
-    from ullsam_nb.evaluate import evaluate_image
-    jobs = [(m, split, s) for m in models for split, samples in sets.items() for s in samples]
-    img_rows, inst_rows = [], []
-    for mname, split, smp in progress(jobs, desc="evaluate", disable=quiet or None):
-        model = models[mname].eval()
-        _, _, dense = model.prepare_image(smp.image)
-        preds = {}
-        inst, img = evaluate_image(model.sam, smp.image, smp.labels, protocols=protocols, seed=seed, n_instances=n_instances,
-                                   dense_prompt=dense, mode=model.config.preprocess, cache=False, predictions=preds)
-        meta = dict(model=mname, split=split, domain=smp.pair.domain, name=smp.pair.name)
-        img_rows += [dict(meta, **r) for r in img]; inst_rows += [dict(meta, **r) for r in inst]
-        if predictions is not None: predictions.update({(mname, split, smp.pair.name, p): v for (p, _), v in preds.items()})
-    return pd.DataFrame(img_rows), pd.DataFrame(inst_rows)
+    from ullsam_nb.evaluate import evaluate_models
+    models = {name: m.eval() for name, m in models.items()}
+    images, instances = [], []
+    for split, samples in sets.items():
+        preds = None if predictions is None else {}
+        img, inst = evaluate_models(models, samples, protocols=protocols, dataset=split, seed=seed, n_instances=n_instances,
+                                    predictions=preds, progress_bar=not quiet, cache=False)
+        if preds: predictions.update({(m, split, name, p): v for (m, name, p, _), v in preds.items()})
+        images.append(img.rename(columns={"dataset": "split"})); instances.append(inst.rename(columns={"dataset": "split"}))
+    return pd.concat(images, ignore_index=True), pd.concat(instances, ignore_index=True)
+
+
 
 # %% ../nbs/19_demo.ipynb #560bec26
 def paired_differences(per_image, pairs=(("ullsam", "baseline"), ("ullsam_sbr", "ullsam"), ("frozen_vlk", "baseline"), ("frozen_vlk", "ullsam")),

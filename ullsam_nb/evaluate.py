@@ -95,9 +95,13 @@ def _image_row(gt, pred) -> dict:
 def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_points"), seed:int=0,
                    n_instances:int|None=None, n_iterations:int=7, use_mask:bool=True, dense_prompt=None,
                    mode:str="sam", cache=True, amg:dict=None, predictions:dict=None) -> tuple:
-    "Run `protocols` on one image: `(instance_rows, image_rows)`, lists of dicts; label maps go to `predictions[(protocol, iteration)]` if given."
+    "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given."
     labels = check_labels(labels)
-    emb = embed_image(model, image, mode=mode, cache=cache)
+    if hasattr(model, "prepare_image"):   # a uLLSAM model: its own preprocessing and its VLSA dense prompt (None in baseline mode)
+        e, info, dense = model.prepare_image(image, cache=cache)
+        emb, mode, model = (e, info), model.config.preprocess, model.sam
+        if dense_prompt is None: dense_prompt = dense
+    else: emb = embed_image(model, image, mode=mode, cache=cache)
     inst_rows, img_rows = [], []
     for protocol in protocols:
         if protocol == "auto":
@@ -131,7 +135,7 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
 # %% ../nbs/15_evaluate.ipynb #a2567f52
 def evaluate_models(models:dict, samples, protocols=("box", "point", "ullsam_points"), dataset:str="", seed:int=0,
                     in_domains=None, predictions:dict=None, progress_bar:bool=True, **kwargs) -> tuple:
-    "Models (name -> SAM) × samples × protocols -> `(per_image, per_instance)` pandas DataFrames (tidy rows)."
+    "Models (name -> SAM or uLLSAM model, any mode) × samples × protocols -> `(per_image, per_instance)` pandas DataFrames (tidy rows)."
     import pandas as pd
     from ullsam_nb.basics import progress
     img_rows, inst_rows = [], []

@@ -9,7 +9,7 @@ import imagecodecs
 from ullsam_nb.basics import InputError, cache_dir, hash_file
 from ullsam_nb.io import encode_image, encode_labels, read_labels
 from ullsam_nb.data import (DATASET_REGISTRY, RemoteFile, DownloadError, download_file, extract_archive, fetch_dataset,
-                            download_cmd, load_pairs, folder_pairs, instance_ids_of, LOCK_NAME, parse_bbbc005_name)
+                            download_cmd, load_pairs, folder_pairs, instance_ids, LOCK_NAME, parse_bbbc005_name)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -73,7 +73,7 @@ def test_dsb2018(server):
              "s1/masks/b.png": png((lab == 2).astype(np.uint8) * 255)}
     pairs, samples = fetch_local("dsb2018", www, base, {"stage1_train.zip": zip_bytes(files)})
     assert len(samples) == 1 and samples[0].image.shape == (30, 40, 3) and samples[0].pair.domain == "histology"
-    assert np.array_equal(samples[0].labels > 0, lab > 0) and len(instance_ids_of(samples[0].labels)) == 2
+    assert np.array_equal(samples[0].labels > 0, lab > 0) and len(instance_ids(samples[0].labels)) == 2
 
 
 def test_bbbc039_colour_codes_separate_touching_nuclei(server):
@@ -84,7 +84,7 @@ def test_bbbc039_colour_codes_separate_touching_nuclei(server):
              "bbbc039_masks.zip": zip_bytes({"masks/IXMtest_A02_s1_w1.png": png(mask)}),
              "bbbc039_metadata.zip": zip_bytes({"metadata/training.txt": "IXMtest_A02_s1_w1.png\n", "metadata/test.txt": ""})}
     pairs, samples = fetch_local("bbbc039", www, base, files)
-    assert len(instance_ids_of(samples[0].labels)) == 2 and pairs[0].meta["split"] == "train"
+    assert len(instance_ids(samples[0].labels)) == 2 and pairs[0].meta["split"] == "train"
     assert samples[0].image.dtype == np.uint16
 
 
@@ -97,7 +97,7 @@ def test_bbbc005_counts_from_file_names(server):
              "BBBC005_v1_ground_truth.zip": zip_bytes({f"BBBC005_v1_ground_truth/{name}": encode_image((lab > 0).astype(np.uint8) * 255)})}
     pairs, samples = fetch_local("bbbc005", www, base, files)
     assert len(pairs) == 1 and pairs[0].meta == {"count": 2, "blur_level": 1, "stain": "w1"}
-    assert len(instance_ids_of(samples[0].labels)) == 2
+    assert len(instance_ids(samples[0].labels)) == 2
     assert parse_bbbc005_name("SIMCEPImages_A05_C18_F16_s01_w2.TIF") == {"count": 18, "blur_level": 16, "stain": "w2"}
     with pytest.raises(InputError, match="not a BBBC005 file name"): parse_bbbc005_name("cells.tif")
 
@@ -113,7 +113,7 @@ def test_livecell_coco_polygons(server):
              "livecell_coco_train.json": json.dumps(coco).encode(), "livecell_coco_val.json": empty, "livecell_coco_test.json": empty}
     pairs, samples = fetch_local("livecell", www, base, files)
     assert len(pairs) == 1 and pairs[0].meta["split"] == "train" and pairs[0].domain == "phase_contrast"
-    assert len(instance_ids_of(samples[0].labels)) == 2
+    assert len(instance_ids(samples[0].labels)) == 2
 
 
 def test_neurips_cellseg_label_ids_kept(server):
@@ -137,7 +137,7 @@ def test_lucchi_slices(server):
              "Lucchi++/Test_In/mask0001.png": png(np.full((30, 40), 90, np.uint8)), "Lucchi++/Test_Out/1.png": png(white)}
     pairs, samples = fetch_local("lucchi", www, base, {"lucchi_pp.zip": zip_bytes(files)})
     assert [p.name for p in pairs] == ["train_000", "test_000", "test_001"]
-    assert all(len(instance_ids_of(s.labels)) == 2 for s in samples)
+    assert all(len(instance_ids(s.labels)) == 2 for s in samples)
     assert folder_pairs(cache_dir("datasets", "lucchi"))[0].meta["split"] in ("train", "test")
 
 

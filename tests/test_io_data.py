@@ -12,7 +12,7 @@ from ullsam_nb.io import (read_image, write_image, read_labels, write_labels, as
                           read_pair, read_jsonl, write_jsonl, ullsam_record, mask_path_for, encode_labels, decode_labels)
 from ullsam_nb.data import (folder_pairs, pairs_from_files, load_pairs, InstanceDataset, collate_instances, to_hf_dataset,
                             hf_example_arrays, hf_to_folder, split_of, select_split, write_manifest, manifest_pairs,
-                            instance_ids_of, shared_real_pairs, shared_dsb2018_pairs)
+                            instance_ids, shared_real_pairs, shared_dsb2018_pairs)
 
 
 def label_map(dtype, top, shape=(48, 64)):
@@ -291,7 +291,7 @@ def test_dataset_skips_bad_pairs_with_count(tmp_path):
 def test_dsb2018_fixture_keeps_125_instances(real_data, tmp_path):
     (pair,) = shared_dsb2018_pairs()
     (s,), _ = load_pairs([pair])
-    assert len(instance_ids_of(s.labels)) == 125 and s.labels.max() == 183
+    assert len(instance_ids(s.labels)) == 125 and s.labels.max() == 183
     import datasets
     hf = to_hf_dataset([pair]); hf.save_to_disk(str(tmp_path/"hf"))
     _, lab = hf_example_arrays(datasets.load_from_disk(str(tmp_path/"hf"))[0])
@@ -304,7 +304,7 @@ README_COUNTS = {"em": [580, 12], "fluorescence": [110, 71, 300], "histology": [
 def test_real_domains_keep_their_instance_counts(real_data, domain):
     pairs = shared_real_pairs(domain)
     samples, skipped = load_pairs(pairs)
-    counts = {s.pair.name: len(instance_ids_of(s.labels)) for s in samples}
+    counts = {s.pair.name: len(instance_ids(s.labels)) for s in samples}
     assert sorted(counts.values()) == sorted(README_COUNTS[domain]) and not skipped
     assert all(p.domain == domain for p in pairs)
     item = InstanceDataset(pairs, max_instances=4, sam_size=256)[0]

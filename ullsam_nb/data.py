@@ -11,17 +11,17 @@ from typing import Callable, Sequence
 import numpy as np
 from .basics import InputError, atomic_write, cache_dir, save_json, load_json, progress, hash_file, shared_data_dir
 from .synth import parse_bbbc005_name
-from .io import (IMAGE_SUFFIXES, list_images, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
+from .io import (IMAGE_SUFFIXES, list_images, instance_ids, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
                           image_to_unit, preprocess_for_sam, masks_to_input, ullsam_record, read_jsonl, write_jsonl,
                           decode_image, decode_labels, encode_labels)
 
 # %% auto #0
 __all__ = ['MANIFEST_NAMES', 'SPLITS', 'LOCK_NAME', 'ARCHIVE_SUFFIXES', 'DATASET_REGISTRY', 'ImagePair', 'manifest_pairs',
            'folder_pairs', 'pairs_from_files', 'write_manifest', 'split_of', 'select_split', 'LoadedSample',
-           'load_pair', 'load_pairs', 'instance_ids_of', 'InstanceDataset', 'collate_instances', 'to_hf_dataset',
-           'hf_example_arrays', 'hf_to_folder', 'DownloadError', 'download_file', 'extract_archive', 'convert_dsb2018',
-           'convert_bbbc039', 'convert_bbbc005', 'convert_livecell', 'convert_neurips_cellseg', 'convert_lucchi',
-           'RemoteFile', 'DatasetSource', 'fetch_dataset', 'download_cmd', 'shared_real_pairs', 'shared_dsb2018_pairs']
+           'load_pair', 'load_pairs', 'InstanceDataset', 'collate_instances', 'to_hf_dataset', 'hf_example_arrays',
+           'hf_to_folder', 'DownloadError', 'download_file', 'extract_archive', 'convert_dsb2018', 'convert_bbbc039',
+           'convert_bbbc005', 'convert_livecell', 'convert_neurips_cellseg', 'convert_lucchi', 'RemoteFile',
+           'DatasetSource', 'fetch_dataset', 'download_cmd', 'shared_real_pairs', 'shared_dsb2018_pairs']
 
 # %% ../nbs/04_data.ipynb #e0e12a67
 MANIFEST_NAMES = ("manifest.jsonl", "captions.jsonl")
@@ -145,11 +145,6 @@ def load_pairs(pairs:Sequence, on_error:str="raise", allow_empty:bool=False):
 import torch
 from torch.utils.data import Dataset as _TorchDataset
 
-def instance_ids_of(labels:np.ndarray) -> np.ndarray:
-    "Sorted non-zero ids of a label map."
-    ids = np.unique(labels)
-    return ids[ids != 0]
-
 class InstanceDataset(_TorchDataset):
     "Torch dataset over `ImagePair`s: image, labels and up to `max_instances` seeded instance masks (+ prompts from `prompt_sampler`)."
     def __init__(self, pairs:Sequence, max_instances:int=4, prompt_sampler:Callable=None, seed:int=0, sam_size:int=None,
@@ -178,7 +173,7 @@ class InstanceDataset(_TorchDataset):
     def __getitem__(self, i:int) -> dict:
         s = self.load(i)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        ids = instance_ids_of(s.labels)
+        ids = instance_ids(s.labels)
         if len(ids) > self.max_instances: ids = np.sort(rng.choice(ids, self.max_instances, replace=False))
         masks = torch.from_numpy(s.labels[None] == ids[:, None, None].astype(s.labels.dtype))
         item = dict(index=i, name=s.pair.name, domain=s.pair.domain, caption=s.pair.caption,

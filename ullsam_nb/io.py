@@ -15,9 +15,9 @@ from .basics import InputError, atomic_write, atomic_path
 __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', 'SAM_PIXEL_MEAN', 'SAM_PIXEL_STD', 'SAM_MODES',
            'ULLSAM_INSTRUCTION', 'select_channels', 'read_image', 'decode_image', 'encode_image', 'write_image',
            'as_label_map', 'relabel_sequential', 'read_labels', 'decode_labels', 'encode_labels', 'write_labels',
-           'to_rgb', 'normalize_percentile', 'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam',
-           'masks_to_original', 'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'read_pair',
-           'ullsam_record', 'read_jsonl', 'write_jsonl', 'list_images']
+           'instance_ids', 'to_rgb', 'normalize_percentile', 'image_to_unit', 'SamInputInfo', 'sam_input_size',
+           'preprocess_for_sam', 'masks_to_original', 'masks_to_input', 'points_to_input', 'boxes_to_input',
+           'mask_path_for', 'read_pair', 'ullsam_record', 'read_jsonl', 'write_jsonl', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -207,6 +207,11 @@ def write_labels(path, labels) -> Path:
     with atomic_write(path) as f: f.write(data)
     return path
 
+def instance_ids(labels) -> np.ndarray:
+    "The sorted instance ids of a label map (0, the background, excluded), as int64."
+    ids = np.unique(as_label_map(labels))
+    return ids[ids != 0].astype(np.int64)
+
 # %% ../nbs/01_io.ipynb #806a382e
 def to_rgb(image, channels=None, projection:str="max") -> np.ndarray:
     "Any image -> `(H,W,3)` in its dtype: grey repeated, RGB kept, constant alpha dropped, `channels` selected, others projected."
@@ -244,12 +249,8 @@ def image_to_unit(image, channels=None, projection:str="max") -> np.ndarray:
     return normalize_percentile(rgb)
 
 # %% ../nbs/01_io.ipynb #ab678558
-def _sam_default(name):
-    from segment_anything.modeling import Sam
-    return tuple(inspect.signature(Sam.__init__).parameters[name].default)
-
-SAM_PIXEL_MEAN = _sam_default("pixel_mean")   # (123.675, 116.28, 103.53), on the 0-255 scale
-SAM_PIXEL_STD = _sam_default("pixel_std")     # (58.395, 57.12, 57.375)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)   # segment-anything's `Sam` defaults, on the 0-255 scale (a test checks they agree);
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)      # written out so that importing `io` does not import torch and segment_anything
 SAM_MODES = ("sam", "ullsam")
 
 @dataclass

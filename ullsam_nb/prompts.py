@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from .basics import InputError
+from .io import instance_ids   # the one definition of a label map's ids
 
 # %% auto #0
-__all__ = ['as_rng', 'check_labels', 'instance_slices', 'instance_ids', 'sample_instance_ids', 'boxes_from_labels',
-           'positive_points', 'boundary_ring_points', 'PromptSet', 'ullsam_prompts']
+__all__ = ['as_rng', 'check_labels', 'instance_slices', 'sample_instance_ids', 'boxes_from_labels', 'positive_points',
+           'boundary_ring_points', 'PromptSet', 'ullsam_prompts']
 
 # %% ../nbs/05_prompts.ipynb #1997fe1c
 def as_rng(rng=None) -> np.random.Generator:
@@ -41,10 +42,6 @@ def instance_slices(labels) -> dict:
     ids = np.unique(labels); ids = ids[ids != 0]  # few, huge ids: compact them to 1..N first
     compact = np.where(labels > 0, np.searchsorted(ids, labels) + 1, 0)
     return {int(ids[k]): s for k, s in enumerate(ndi.find_objects(compact)) if s is not None}
-
-def instance_ids(labels) -> np.ndarray:
-    "The sorted instance ids of a label map (0 excluded), as int64."
-    return np.array(sorted(instance_slices(labels)), dtype=np.int64)
 
 def sample_instance_ids(labels, n:int|None=4, rng=None, slices:dict|None=None) -> np.ndarray:
     "Up to `n` distinct instance ids drawn uniformly without replacement (all of them if `n` is None or too large), sorted."

@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['CACHE_ENV', 'InputError', 'cache_root', 'cache_dir', 'default_device', 'seed_everything', 'hash_bytes', 'hash_file',
-           'hash_array', 'hash_state_dict', 'hash_json', 'atomic_write', 'atomic_path', 'save_json', 'load_json',
-           'progress', 'shared_data_dir']
+__all__ = ['CACHE_ENV', 'ToolError', 'InputError', 'cache_root', 'cache_dir', 'default_device', 'seed_everything', 'hash_bytes',
+           'hash_file', 'hash_array', 'hash_state_dict', 'hash_json', 'WriteError', 'atomic_write', 'atomic_path',
+           'save_json', 'load_json', 'output_folder', 'output_file', 'progress', 'shared_data_dir']
 
 # %% ../nbs/00_basics.ipynb #550e03a1
-class InputError(ValueError):
+class ToolError(Exception):
+    "A failure the user can cause or fix (bad input, an endpoint's error, a full disk): `ullsam` prints it as one line, no traceback."
+
+class InputError(ToolError, ValueError):
     "Bad user input: the message names the offending file (if any) and the problem."
     def __init__(self, problem:str, path=None):
         self.path, self.problem = (None if path is None else Path(path)), problem
@@ -88,31 +91,82 @@ def hash_json(obj, n:int=16) -> str:
     return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode(), n)
 
 # %% ../nbs/00_basics.ipynb #d9a0e460
+class WriteError(ToolError):
+    "Writing `path` failed (disk full, file-size limit, read-only, a file where a folder should be): one line naming the file and the reason."
+    def __init__(self, path, reason:str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: could not write ({reason})")
+
+_DISK_ERRNOS = {28, 27, 30, 5, 122}      # ENOSPC, EFBIG, EROFS, EIO, EDQUOT: the disk, not the caller's code
+
+def _write_failure(e:BaseException, path:Path, in_block:bool=True):
+    "The `WriteError` for an exception raised while writing `path`, or None when it is not a write failure."
+    if isinstance(e, WriteError): return None
+    if isinstance(e, OSError) and (not in_block or e.errno in _DISK_ERRNOS):
+        return WriteError(path, e.strerror or str(e))
+    msg = str(e)
+    if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in msg or "inline_container" in msg or "file write failed" in msg):
+        import shutil
+        try: full = shutil.disk_usage(path.parent).free < 16 << 20
+        except OSError: full = False
+        return WriteError(path, "No space left on device" if full else "the write failed: disk full, file-size limit or I/O error")
+    return None
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+def _mode_for(path:Path) -> int:
+    "The mode a (re)written file gets: the old file's mode, else 0o666 minus the umask (what `open` would give)."
+    try: return os.stat(path).st_mode & 0o7777
+    except OSError: return 0o666 & ~_umask()
+
+def _temp_next_to(path:Path, prefix:str, suffix:str):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+        os.fchmod(fd, _mode_for(path))
+        return fd, tmp
+    except OSError as e: raise WriteError(path, e.strerror or str(e)) from None
+
 @contextlib.contextmanager
 def atomic_write(path, mode:str="wb"):
-    "Context manager yielding a file handle; `path` appears only if the block completes (write to temp, fsync, rename)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    "Context manager yielding a file handle; `path` appears only if the block completes (write to temp, fsync, rename). Disk failures raise `WriteError`."
+    path = Path(path)
+    fd, tmp = _temp_next_to(path, f".{path.name}.", ".tmp")
+    in_block = True
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            in_block = False
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        w = _write_failure(e, path, in_block)
+        if w is not None: raise w from None
         raise
 
 @contextlib.contextmanager
 def atomic_path(path):
-    "Context manager yielding a temporary *path* next to `path` (for libraries that write by file name); renamed on success."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    "Context manager yielding a temporary *path* next to `path` (for libraries that write by file name); renamed on success. Disk failures raise `WriteError`."
+    path = Path(path)
+    fd, tmp = _temp_next_to(path, f".{path.stem}.", path.suffix)
     os.close(fd)
+    in_block = True
     try:
         yield Path(tmp)
+        in_block = False
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        w = _write_failure(e, path, in_block)
+        if w is not None: raise w from None
         raise
 
 def save_json(obj, path, indent:int=2):
@@ -131,6 +185,26 @@ def load_json(path):
     "Read JSON from `path`; a broken file is an `InputError` naming it."
     try: return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e: raise InputError(f"not valid JSON ({e})", path) from None
+
+# %% ../nbs/00_basics.ipynb #bd783984
+def output_folder(path, what:str="output folder") -> Path:
+    "Check and create an output folder before any work: an existing *file* there is an `InputError`, not a traceback later."
+    path = Path(path)
+    if path.exists() and not path.is_dir(): raise InputError(f"{what} is an existing file, not a folder", path)
+    try: path.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise WriteError(path, e.strerror or str(e)) from None
+    return path
+
+def output_file(path, what:str="output file") -> Path:
+    "Check an output file path before any work: an existing *folder* there (or a file where its folder should be) is an `InputError`."
+    path = Path(path)
+    if path.is_dir(): raise InputError(f"{what} is an existing folder, not a file", path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir(): raise InputError(f"cannot create {what}: {parent} is a file, not a folder", path)
+            break
+    return path
+
 
 # %% ../nbs/00_basics.ipynb #65fb5a2e
 def progress(iterable=None, desc:str="", total=None, disable=None, **kwargs):

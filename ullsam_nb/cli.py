@@ -8,10 +8,10 @@ import sys, argparse, importlib, inspect, typing, traceback
 from pathlib import Path
 from fastcore.docments import docments
 from . import __version__
-from .basics import InputError, cache_root, shared_data_dir
+from .basics import InputError, ToolError, cache_root, shared_data_dir
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command_function', 'command_parser', 'info_cmd', 'main']
+__all__ = ['COMMANDS', 'command_function', 'HelpFormatter', 'command_parser', 'info_cmd', 'main']
 
 # %% ../nbs/91_cli.ipynb #a5eb598e
 COMMANDS = {
@@ -45,10 +45,18 @@ def _base_type(tp):
     if tp in (int, float, str, bool, Path): return tp
     return str
 
+class HelpFormatter(argparse.HelpFormatter):
+    "Help that shows `(default: X)` once: not when the option's text already states its default, not for required options, flags or `None`."
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.required or action.default in (None, False, True, argparse.SUPPRESS) or not action.option_strings
+                or "default" in text.lower()): return text
+        return f"{text} (default: %(default)s)"
+
 def command_parser(func, prog:str) -> argparse.ArgumentParser:
     "An argparse parser for `func`: `--kebab-case` options with types, defaults and help from its signature and docments."
     doc = inspect.getdoc(func) or ""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
     try: hints = typing.get_type_hints(func)
     except Exception: hints = {}
     helps = docments(func)
@@ -86,6 +94,8 @@ def _overview() -> str:
     lines = [f"  {n:<{width}}  {h}" for n, (_, _, h) in COMMANDS.items()]
     return "commands:\n" + "\n".join(lines) + "\n\nRun `ullsam COMMAND --help` for a command's options."
 
+def _one_line(e) -> str: return " ".join(str(e).split())
+
 def main(argv=None) -> int:
     "Entry point of the `ullsam` console script; returns the exit status."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -103,8 +113,12 @@ def main(argv=None) -> int:
     try:
         res = func(**kwargs)
         return res if isinstance(res, int) else 0
-    except InputError as e:
+    except ToolError as e:                    # bad input (2), an endpoint's failure, a full disk (1): one line each
         if ns.debug: traceback.print_exc()
-        print(f"ullsam {ns.command}: error: {e}", file=sys.stderr); return 2
+        print(f"ullsam {ns.command}: error: {_one_line(e)}", file=sys.stderr); return 2 if isinstance(e, InputError) else 1
+    except OSError as e:                      # the system refused something (permissions, a missing folder...): say where
+        if ns.debug: traceback.print_exc()
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"ullsam {ns.command}: error: {where}{e.strerror or e}", file=sys.stderr); return 1
     except KeyboardInterrupt:
         print(f"ullsam {ns.command}: interrupted", file=sys.stderr); return 130

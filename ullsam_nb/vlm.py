@@ -4,13 +4,13 @@
 
 # %% ../nbs/10_vlm.ipynb #1eb70e31
 from __future__ import annotations
-import os, re, io, json, math, time, base64, string, warnings
-import urllib.request, urllib.error, http.client, email.utils
+import os, re, io, sys, json, math, time, base64, string, warnings
+import urllib.request, urllib.error, urllib.parse, http.client, email.utils
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 import numpy as np
-from .basics import (InputError, cache_dir, hash_json, hash_bytes, hash_array, progress, load_json,
+from .basics import (InputError, ToolError, output_file, cache_dir, hash_json, hash_bytes, hash_array, progress, load_json,
                               default_device, seed_everything)
 from .io import read_image, image_to_unit, list_images, IMAGE_SUFFIXES
 
@@ -18,10 +18,10 @@ from .io import read_image, image_to_unit, list_images, IMAGE_SUFFIXES
 __all__ = ['ANSWER_KINDS', 'PROMPT_TEMPLATES', 'TINY_VLM_ARCHS', 'RETRY_STATUSES', 'VLM_BACKENDS', 'PromptTemplate',
            'render_prompt', 'load_prompt_templates', 'is_refusal', 'words_to_number', 'spelled_numbers_to_digits',
            'parse_count', 'parse_label', 'parse_yes_no', 'parse_answer', 'vlm_image', 'image_content_hash',
-           'image_png_bytes', 'image_data_url', 'append_jsonl', 'read_jsonl_tolerant', 'TextCache', 'VLMAnswer',
-           'VLMBackend', 'CallableVLM', 'TransformersVLM', 'save_tiny_vlm', 'VLMHTTPError', 'VLMConnectionError',
-           'retry_after_seconds', 'OpenAICompatibleVLM', 'UllsamMLLMBackend', 'register_backend', 'get_backend',
-           'describe_folder', 'describe_cmd']
+           'image_png_bytes', 'image_data_url', 'append_jsonl', 'read_jsonl_tolerant', 'repair_jsonl_tail', 'TextCache',
+           'VLMAnswer', 'VLMBackend', 'CallableVLM', 'TransformersVLM', 'save_tiny_vlm', 'VLMHTTPError',
+           'VLMConnectionError', 'retry_after_seconds', 'safe_url', 'check_key_env_name', 'OpenAICompatibleVLM',
+           'UllsamMLLMBackend', 'register_backend', 'get_backend', 'describe_folder', 'describe_cmd']
 
 # %% ../nbs/10_vlm.ipynb #3a1a63d7
 ANSWER_KINDS = ("text", "label", "count", "yes_no")
@@ -339,6 +339,28 @@ def read_jsonl_tolerant(path) -> list:
     if bad: warnings.warn(f"{path}: skipped {bad} unreadable line(s)")
     return out
 
+# %% ../nbs/10_vlm.ipynb #8042165e
+def repair_jsonl_tail(path) -> int:
+    "Cut a torn last line (no final newline, not valid JSON) off a JSONL file, as a crash mid-write leaves it; the number of bytes removed."
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0: return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        f.seek(size - 1)
+        if f.read(1) == b"\n": return 0
+        cut, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - (1 << 16)); f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0: cut = start + i + 1; break
+            pos = start
+        f.seek(cut)
+        try: json.loads(f.read().decode("utf-8")); whole = True
+        except (UnicodeDecodeError, json.JSONDecodeError): whole = False
+        if whole: f.seek(size); f.write(b"\n"); return 0
+        f.truncate(cut); f.flush(); os.fsync(f.fileno())
+        return size - cut
+
 # %% ../nbs/10_vlm.ipynb #e5c9b966
 class TextCache:
     "Generated texts on disk, keyed by image hash + model identity + prompt + settings: `cache_dir('texts')/<identity>.jsonl`."
@@ -575,12 +597,12 @@ def save_tiny_vlm(arch:str, out, seed:int=0) -> Path:
     return out
 
 # %% ../nbs/10_vlm.ipynb #02387819
-class VLMHTTPError(RuntimeError):
+class VLMHTTPError(ToolError, RuntimeError):
     "An HTTP error from a VLM endpoint: `status` and the server's error text (never the API key)."
     def __init__(self, message:str, status:int=None, server_text:str=""):
         super().__init__(message); self.status, self.server_text = status, server_text
 
-class VLMConnectionError(ConnectionError):
+class VLMConnectionError(ToolError, ConnectionError):
     "A VLM endpoint could not be reached, or did not answer in time, after all retries."
 
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -595,6 +617,26 @@ def retry_after_seconds(value) -> float:
     except (TypeError, ValueError): return None
     return None if when is None else max(0.0, when.timestamp() - time.time())
 
+def safe_url(url) -> str:
+    "`url` with any `user:password@` part replaced by `***@`: what messages, logs and cache identities show."
+    url = str(url)
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc: return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY_PREFIX = re.compile(r"^(?:sk|pk|rk|hf|ghp|gho|ghs|github_pat|xox[abpr]|AIza|gsk|key)[-_]", re.I)
+
+def check_key_env_name(name):
+    "`name` if it can be an environment variable's name; a value that is not one, or looks like a key itself, is an `InputError` that does not show it."
+    if name is None: return None
+    name = str(name)
+    looks_like_key = bool(_KEY_PREFIX.match(name)) or (len(name) >= 24 and re.search(r"[a-z]", name) and re.search(r"\d", name))
+    if not _ENV_NAME.match(name) or looks_like_key:
+        raise InputError("--api-key-env takes the NAME of the environment variable that holds the key (e.g. OPENAI_API_KEY); "
+                         "the value given is not a variable name or looks like a key itself (not shown)")
+    return name
+
 def _server_error_text(body:bytes, limit:int=500) -> str:
     text = body.decode("utf-8", errors="replace").strip()
     try:
@@ -605,17 +647,29 @@ def _server_error_text(body:bytes, limit:int=500) -> str:
     return text[:limit]
 
 # %% ../nbs/10_vlm.ipynb #b4745ae0
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    "Follow no redirect: the request, and the API key in its header, go to the configured endpoint and nowhere else."
+    def redirect_request(self, req, fp, code, msg, headers, newurl): return None
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+def _stderr_note(message:str): print(message, file=sys.stderr, flush=True)
+
 class OpenAICompatibleVLM(VLMBackend):
-    "A chat-completions endpoint (OpenAI, vLLM, Ollama, ...): images inline as PNG data URLs, key from `$api_key_env`, retries, timeouts."
+    "A chat-completions endpoint (OpenAI, vLLM, Ollama, ...): images inline as PNG data URLs, key from `$api_key_env`, retries, timeouts, a deadline."
     name, thread_safe = "openai", True
     def __init__(self, model:str, base_url:str="https://api.openai.com/v1", api_key_env:str="OPENAI_API_KEY",
-                 timeout:float=120.0, max_retries:int=5, backoff:float=1.0, max_backoff:float=60.0, max_retry_after:float=300.0,
-                 temperature:float=0.0, system:str=None, max_tokens_field:str="max_tokens", extra_body:dict=None, sleep:Callable=time.sleep):
+                 timeout:float=120.0, max_retries:int=3, backoff:float=1.0, max_backoff:float=60.0, max_retry_after:float=60.0,
+                 deadline:float=300.0, temperature:float=0.0, system:str=None, max_tokens_field:str="max_tokens", extra_body:dict=None,
+                 sleep:Callable=time.sleep, notify:Callable=_stderr_note):
         if not model: raise InputError("an OpenAI-compatible backend needs a model name (model=...)")
-        self.model, self.base_url, self.api_key_env = str(model), str(base_url).rstrip("/"), api_key_env
+        if timeout is None or timeout <= 0: raise InputError(f"timeout must be > 0 seconds, not {timeout}")
+        if max_retries is None or max_retries < 0: raise InputError(f"retries must be >= 0, not {max_retries}")
+        if deadline is not None and deadline <= 0: raise InputError(f"deadline must be > 0 seconds (or None for none), not {deadline}")
+        self.model, self.base_url, self.api_key_env = str(model), str(base_url).rstrip("/"), check_key_env_name(api_key_env)
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
-        self.max_retry_after, self.temperature, self.system = max_retry_after, temperature, system
-        self.max_tokens_field, self.extra_body, self._sleep = max_tokens_field, dict(extra_body or {}), sleep
+        self.max_retry_after, self.deadline, self.temperature, self.system = max_retry_after, deadline, temperature, system
+        self.max_tokens_field, self.extra_body, self._sleep, self._notify = max_tokens_field, dict(extra_body or {}), sleep, notify
 
     @property
     def url(self) -> str:
@@ -623,10 +677,15 @@ class OpenAICompatibleVLM(VLMBackend):
         return f"{self.base_url}/chat/completions"
 
     @property
+    def display_url(self) -> str:
+        "The URL as messages show it (`safe_url`: no user:password)."
+        return safe_url(self.url)
+
+    @property
     def identity(self) -> str:
-        "openai:<base_url>:<model>[:<settings hash>]"
+        "openai:<base_url without user:password>:<model>[:<settings hash>]"
         s = [self.temperature, self.system, self.extra_body]
-        return f"openai:{self.base_url}:{self.model}" + ("" if s == [0.0, None, {}] else f":{hash_json(s, 8)}")
+        return f"openai:{safe_url(self.base_url)}:{self.model}" + ("" if s == [0.0, None, {}] else f":{hash_json(s, 8)}")
 
     def request_body(self, image, prompt:str, max_new_tokens:int=None) -> dict:
         "The JSON body for one image and one prompt."
@@ -643,50 +702,76 @@ class OpenAICompatibleVLM(VLMBackend):
         return h
 
     def _scrub(self, text:str) -> str:
+        "`text` without the API key or the URL's user:password."
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return text.replace(key, "***") if key else text
+        text = text.replace(key, "***") if key else text
+        userinfo = urllib.parse.urlsplit(self.base_url).netloc.rpartition("@")[0]
+        return text.replace(userinfo, "***") if userinfo else text
 
-    def _wait(self, attempt:int, retry_after=None) -> float:
+    def _wait(self, attempt:int, why:str, spent:float, retry_after=None):
+        "Sleep before the next attempt (exponential backoff, at least a capped `Retry-After`), saying so; None when that would pass the deadline."
         wait = min(self.max_backoff, self.backoff * 2**attempt)
-        if retry_after is not None: wait = min(max(wait, retry_after), self.max_retry_after)
+        capped = ""
+        if retry_after is not None:
+            if retry_after > self.max_retry_after:
+                capped = f"; it asked for {retry_after:g} s (Retry-After), capped at {self.max_retry_after:g} s"
+            wait = min(max(wait, retry_after), self.max_retry_after)
+        if self.deadline and spent + wait >= self.deadline: return None
+        self._notify(f"{self.display_url}: {why}; retry {attempt + 1} of {self.max_retries} in {wait:g} s{capped}")
         self._sleep(wait)
         return wait
 
     def post(self, body:dict) -> dict:
-        "POST `body` to the chat-completions URL with retries; the decoded JSON reply."
-        data = json.dumps(body).encode("utf-8")
+        "POST `body` to the chat-completions URL with retries, all within `deadline` seconds; the decoded JSON reply. Redirects are errors."
+        data, url, spent = json.dumps(body).encode("utf-8"), self.display_url, 0.0
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
+            timeout = self.timeout if not self.deadline else max(min(self.timeout, self.deadline - spent), 0.05)
             req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+            t0 = time.monotonic()
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r: raw = r.read()
+                with _OPENER.open(req, timeout=timeout) as r: raw = r.read()
             except urllib.error.HTTPError as e:
-                status, server = e.code, self._scrub(_server_error_text(e.read() or b""))
+                spent += time.monotonic() - t0
+                status = e.code
+                if 300 <= status < 400:
+                    where = self._scrub(safe_url(e.headers.get("Location") or "an unnamed address"))
+                    raise VLMHTTPError(f"POST {url}: the endpoint redirects (HTTP {status} to {where}); redirects are not followed, "
+                                       f"so the request and its API key go nowhere else: use the final address as --base-url", status, "") from None
+                server = self._scrub(_server_error_text(e.read() or b""))
+                gave_up = ""
                 if status in RETRY_STATUSES and not last:
-                    self._wait(attempt, retry_after_seconds(e.headers.get("Retry-After"))); continue
+                    waited = self._wait(attempt, f"HTTP {status}", spent, retry_after_seconds(e.headers.get("Retry-After")))
+                    if waited is not None: spent += waited; continue
+                    gave_up = f" (the next retry would pass the {self.deadline:g} s deadline)"
                 hint = f" (check the API key in ${self.api_key_env})" if status in (401, 403) else ""
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise VLMHTTPError(f"POST {self.url} failed{tries}: HTTP {status} {e.reason}{hint}: {server}", status, server) from None
+                raise VLMHTTPError(f"POST {url} failed{tries}: HTTP {status} {e.reason}{hint}{gave_up}: {server}", status, server) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                if not last: self._wait(attempt); continue
+                spent += time.monotonic() - t0
                 reason = getattr(e, "reason", None) or e
                 kind = "timed out" if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError) else "could not connect"
-                raise VLMConnectionError(f"POST {self.url} {kind} after {attempt + 1} attempts "
-                                         f"(timeout {self.timeout}s): {self._scrub(str(reason))}") from None
+                gave_up = ""
+                if not last:
+                    waited = self._wait(attempt, kind, spent)
+                    if waited is not None: spent += waited; continue
+                    gave_up = f", stopped by the {self.deadline:g} s deadline"
+                raise VLMConnectionError(f"POST {url} {kind} after {attempt + 1} attempts "
+                                         f"(timeout {self.timeout:g}s{gave_up}): {self._scrub(str(reason))}") from None
             try: return json.loads(raw.decode("utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise VLMHTTPError(f"POST {self.url}: the reply is not JSON: {self._scrub(raw[:200].decode('utf-8', 'replace'))}", 200) from None
+                raise VLMHTTPError(f"POST {url}: the reply is not JSON: {self._scrub(raw[:200].decode('utf-8', 'replace'))}", 200) from None
 
     def chat(self, image, prompt:str, max_new_tokens:int=None) -> str:
         "The endpoint's reply to `prompt` about `image`."
         reply = self.post(self.request_body(image, prompt, max_new_tokens))
         try: content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise VLMHTTPError(f"POST {self.url}: no choices[0].message.content in the reply: {self._scrub(json.dumps(reply)[:300])}", 200) from None
+            raise VLMHTTPError(f"POST {self.display_url}: no choices[0].message.content in the reply: {self._scrub(json.dumps(reply)[:300])}", 200) from None
         if isinstance(content, list): content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return (content or "").strip()
 
-    def __repr__(self): return f"OpenAICompatibleVLM(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+    def __repr__(self): return f"OpenAICompatibleVLM(model={self.model!r}, base_url={safe_url(self.base_url)!r}, api_key_env={self.api_key_env!r})"
 
 # %% ../nbs/10_vlm.ipynb #3d34e75a
 class UllsamMLLMBackend(VLMBackend):
@@ -757,6 +842,8 @@ def describe_folder(images_dir, backend, prompt_name:str="describe", out_jsonl=N
     prompt = render_prompt(prompt_name, templates=templates, **slots)
     images = list_images(images_dir)
     out = Path(out_jsonl) if out_jsonl is not None else Path(images_dir)/f"{prompt_name}.jsonl"
+    cut = repair_jsonl_tail(out)
+    if cut: warnings.warn(f"{out}: removed a torn last line ({cut} bytes) that an interrupted run left; that image is asked again")
     done = {str(Path(r["image_path"]).resolve()) for r in read_jsonl_tolerant(out) if "image_path" in r}
     todo = [p for p in images if str(p.resolve()) not in done]
     if workers > 1 and not backend.thread_safe:
@@ -801,7 +888,10 @@ def describe_cmd(images:str, # folder of images (or a dataset folder with images
                  slots:str=None, # other template slots as JSON, e.g. '{"modality": "CT", "instance": "the liver"}'
                  prompts:str=None, # JSON/YAML file of prompt templates overriding/adding to the built-ins
                  base_url:str=None, # endpoint URL for openai/vllm/ollama (e.g. http://localhost:8000/v1)
-                 api_key_env:str=None, # environment variable holding the API key (default OPENAI_API_KEY)
+                 api_key_env:str=None, # NAME of the environment variable holding the API key (default OPENAI_API_KEY); never the key itself
+                 timeout:float=None, # endpoints: seconds to wait for one reply (default 120)
+                 retries:int=None, # endpoints: retries after a timeout, a refused connection, 429 or 5xx (default 3)
+                 deadline:float=None, # endpoints: most seconds one image may take, retries and waits included (default 300)
                  max_new_tokens:int=512, # longest reply, in tokens
                  device:str=None, # torch device for local models (default: cuda > mps > cpu)
                  no_cache:bool=False, # do not read/write the generated-text cache
@@ -820,9 +910,12 @@ def describe_cmd(images:str, # folder of images (or a dataset folder with images
     entry = VLM_BACKENDS.get(str(backend).lower())
     if entry is None: raise InputError(f"unknown VLM backend {backend!r}; known: {', '.join(sorted(VLM_BACKENDS))}")
     kw, endpoint = {}, entry["kind"] == "endpoint"
-    for opt, value, wanted in [("base_url", base_url, endpoint), ("api_key_env", api_key_env, endpoint), ("device", device, not endpoint)]:
-        if value and not wanted: raise InputError(f"--{opt.replace('_', '-')} does not apply to the {backend!r} backend")
-        if value: kw[opt] = value
+    check_key_env_name(api_key_env)
+    for opt, value, wanted in [("base_url", base_url, endpoint), ("api_key_env", api_key_env, endpoint), ("device", device, not endpoint),
+                               ("timeout", timeout, endpoint), ("retries", retries, endpoint), ("deadline", deadline, endpoint)]:
+        if value is not None and not wanted: raise InputError(f"--{opt.replace('_', '-')} does not apply to the {backend!r} backend")
+        if value is not None: kw["max_retries" if opt == "retries" else opt] = value
+    output_file(out, "--out (the JSONL file)")
     templates = load_prompt_templates(prompts) if prompts else None
     _template(prompt, templates)                                          # fail on a bad name before loading a model
     vlm = get_backend(backend, model, **kw)

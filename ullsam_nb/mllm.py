@@ -15,11 +15,13 @@ from .basics import (InputError, cache_dir, hash_array, hash_json, hash_state_di
 
 # %% auto #0
 __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IM_START', 'IM_END', 'PAD_TOKEN', 'IMAGE_TOKENS', 'CHATML_TOKENS',
-           'DESCRIBE_QUESTION', 'INTERNVL_SYSTEM_MESSAGE', 'CHATML_TEMPLATE', 'TINY_LLM', 'TINY_SAM_ENCODER',
-           'pixel_shuffle', 'inverse_pixel_shuffle', 'embedding_to_tokens', 'tokens_to_embedding', 'make_mlp1',
-           'make_mlp2', 'image_placeholder', 'chatml_prompt', 'add_image_tokens', 'load_llm', 'llm_hidden_size',
-           'last_hidden_states', 'ImagePrompt', 'VLKExtractor', 'repeat_per_instance', 'tiny_caption_corpus',
-           'train_caption_tokenizer', 'atomic_folder', 'build_tiny_llm', 'load_tiny_llm', 'tiny_sam_encoder', 'MLLM',
+           'DESCRIBE_QUESTION', 'INTERNVL_SYSTEM_MESSAGE', 'CHATML_TEMPLATE', 'LLM_LAYOUTS', 'TINY_LLM',
+           'TINY_SAM_ENCODER', 'pixel_shuffle', 'inverse_pixel_shuffle', 'embedding_to_tokens', 'tokens_to_embedding',
+           'make_mlp1', 'make_mlp2', 'image_placeholder', 'chatml_prompt', 'add_image_tokens', 'resolve_model_folder',
+           'llm_checkpoint_layout', 'read_safetensors', 'internlm2_llama_config', 'internlm2_to_llama_state',
+           'internvl_language_model', 'load_tokenizer', 'load_llm', 'llm_hidden_size', 'last_hidden_states',
+           'ImagePrompt', 'VLKExtractor', 'repeat_per_instance', 'tiny_caption_corpus', 'train_caption_tokenizer',
+           'atomic_folder', 'build_tiny_llm', 'load_tiny_llm', 'save_tiny_internvl', 'tiny_sam_encoder', 'MLLM',
            'build_tiny_mllm', 'save_mllm', 'load_mllm', 'weights_fingerprint', 'vlk_model_key', 'vlk_cache_dir',
            'cached_vlk']
 
@@ -109,19 +111,161 @@ def add_image_tokens(tokenizer, llm=None, tokens=CHATML_TOKENS+IMAGE_TOKENS) -> 
                     m.weight[old:] = m.weight[:old].mean(0, keepdim=True)
     return missing
 
+# %% ../nbs/09_mllm.ipynb #20da2e54
+LLM_LAYOUTS = ("causal_lm", "internvl_chat", "internvl_hf")
+_INTERNLM2_NAMES = [("attention.wo.", "self_attn.o_proj."), ("feed_forward.w1.", "mlp.gate_proj."), ("feed_forward.w3.", "mlp.up_proj."),
+                    ("feed_forward.w2.", "mlp.down_proj."), ("attention_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
+                    ("tok_embeddings.", "embed_tokens.")]
+
+def resolve_model_folder(path_or_id:str|Path) -> Path|None:
+    "A local folder for a folder path or a Hugging Face hub id (downloaded or from the hub cache, weights and tokenizer only); None if unreachable."
+    p = Path(str(path_or_id)).expanduser()
+    if p.is_dir(): return p
+    if p.exists() or str(path_or_id).count("/") != 1: return None
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.model", "*.py", "*.txt", "*.tiktoken"]))
+    except Exception: return None
+
+def llm_checkpoint_layout(folder:str|Path) -> str:
+    "Which layout a model folder stores: `internvl_chat` (InternVL's own chat checkpoint, as downloaded), `internvl_hf` (transformers' native InternVL) or `causal_lm`."
+    f = Path(folder)/"config.json"
+    if not f.exists(): raise InputError("no config.json: not a Hugging Face model folder", folder)
+    cfg = json.loads(f.read_text())
+    mt = cfg.get("model_type", "")
+    if mt == "internvl_chat" or "llm_config" in cfg: return "internvl_chat"
+    if mt == "internvl" or ("text_config" in cfg and "vision_config" in cfg): return "internvl_hf"
+    return "causal_lm"
+
+def read_safetensors(folder:str|Path, keep=None) -> dict:
+    "Tensors of a folder's `model.safetensors` (or the shards its `model.safetensors.index.json` lists) whose names pass `keep(name)`."
+    from safetensors import safe_open
+    folder = Path(folder)
+    idx = folder/"model.safetensors.index.json"
+    if idx.exists(): files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+    elif (folder/"model.safetensors").exists(): files = ["model.safetensors"]
+    else: raise InputError("no model.safetensors (or index) in the model folder", folder)
+    out = {}
+    for name in files:
+        with safe_open(str(folder/name), framework="pt") as f:
+            for k in f.keys():
+                if keep is None or keep(k): out[k] = f.get_tensor(k)
+    return out
+
+def internlm2_llama_config(c:dict):
+    "A `LlamaConfig` computing what an InternLM2 config (as InternLM2's own code reads it) computes: same sizes, RoPE and norms."
+    from transformers import LlamaConfig
+    bias = bool(c.get("bias", False))
+    kw = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+              num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+              num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"], hidden_act=c.get("hidden_act", "silu"),
+              max_position_embeddings=c.get("max_position_embeddings", 2048), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+              rope_theta=c.get("rope_theta", 10000.0), bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+              pad_token_id=c.get("pad_token_id"), tie_word_embeddings=c.get("tie_word_embeddings", False),
+              attention_bias=bias, mlp_bias=bias)
+    rs = c.get("rope_scaling")
+    if rs: kw["rope_scaling"] = {"rope_type": rs.get("rope_type", rs.get("type")), **{k: v for k, v in rs.items() if k not in ("type", "rope_type")}}
+    return LlamaConfig(**kw)
+
+def internlm2_to_llama_state(sd:dict, c:dict) -> dict:
+    "InternLM2 weights (`model.layers.N.attention.wqkv`, `feed_forward.w1/w2/w3`, `tok_embeddings`, `output`) renamed and split into Llama's."
+    nh, hid = c["num_attention_heads"], c["hidden_size"]
+    nkv = c.get("num_key_value_heads") or nh
+    g, d = nh // nkv, hid // nh
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("output."): out["lm_head." + k[len("output."):]] = v; continue
+        if ".attention.wqkv." in k:
+            pre, kind = k.split(".attention.wqkv.")
+            w = v.reshape(nkv, g + 2, d, *v.shape[1:])                    # InternLM2 packs (kv head, [g queries, key, value], head dim)
+            for name, part in (("q_proj", w[:, :g]), ("k_proj", w[:, g]), ("v_proj", w[:, g + 1])):
+                out[f"{pre}.self_attn.{name}.{kind}"] = part.reshape(-1, *v.shape[1:]).contiguous()
+            continue
+        for a, b in _INTERNLM2_NAMES: k = k.replace(a, b)
+        out[k] = v
+    return out
+
+def _llm_from_state(config, state:dict, dtype=None, source=None):
+    from transformers import AutoModelForCausalLM
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    if dtype is not None: state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    llm, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
+    missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing: raise InputError(f"the language model's weights are incomplete: {sorted(missing)[:6]} missing", source)
+    return llm
+
+def internvl_language_model(folder:str|Path, dtype=None):
+    "The language model inside an InternVL checkpoint folder (chat layout or transformers' native one), without its vision tower and projector."
+    folder = Path(folder)
+    layout, cfg = llm_checkpoint_layout(folder), json.loads((Path(folder)/"config.json").read_text())
+    if layout == "internvl_chat":
+        c = cfg["llm_config"]
+        arch = (c.get("architectures") or [""])[0]
+        state = {k[len("language_model."):]: v for k, v in read_safetensors(folder, lambda k: k.startswith("language_model.")).items()}
+        if c.get("model_type") == "internlm2" or arch.startswith("InternLM2"):
+            return _llm_from_state(internlm2_llama_config(c), internlm2_to_llama_state(state, c), dtype, folder)
+        from transformers import AutoConfig
+        conf = AutoConfig.for_model(c["model_type"], **{k: v for k, v in c.items() if k not in ("model_type", "auto_map", "architectures", "attn_implementation")})
+        return _llm_from_state(conf, state, dtype, folder)
+    if layout == "internvl_hf":
+        from transformers import AutoConfig
+        c = cfg["text_config"]
+        conf = AutoConfig.for_model(c["model_type"], **{k: v for k, v in c.items() if k != "model_type"})
+        conf.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", c.get("tie_word_embeddings", False)))   # InternVL ties at the top level
+        ren = [("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")]
+        state = {}
+        for k, v in read_safetensors(folder, lambda k: any(k.startswith(a) for a, _ in ren)).items():
+            a, b = next((a, b) for a, b in ren if k.startswith(a))
+            state[b + k[len(a):]] = v
+        return _llm_from_state(conf, state, dtype, folder)
+    raise InputError("not an InternVL checkpoint (use load_llm for a plain causal LM)", folder)
+
+def load_tokenizer(folder:str|Path, trust_remote_code:bool=False):
+    "The folder's tokenizer (`AutoTokenizer`); a tokenizer that is the checkpoint's own code (InternLM2's) needs `trust_remote_code`."
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()      # quiet about the InternVL config it peeks at
+    try: return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, ImportError, KeyError, AttributeError, TypeError) as e:
+        tc = Path(folder)/"tokenizer_config.json"
+        conf = json.loads(tc.read_text()) if tc.exists() else {}
+        if conf.get("auto_map") and not trust_remote_code:
+            raise InputError(f"its tokenizer ({conf.get('tokenizer_class', 'custom')}) is the checkpoint's own code: allow it with "
+                             "trust_remote_code=True (`ullsam train --set trust_remote_code=true`)", folder) from None
+        raise InputError(f"cannot load the tokenizer ({str(e)[:300]})", folder) from None
+    finally: hf_logging.set_verbosity(level)
+
 # %% ../nbs/09_mllm.ipynb #4a1a5688
+def _layout_of(path_or_id) -> tuple:
+    "(layout, local folder or None) of a folder or hub id; a hub id is probed through its config.json only."
+    p = Path(str(path_or_id)).expanduser()
+    if p.is_dir(): return (llm_checkpoint_layout(p) if (p/"config.json").exists() else "causal_lm"), p
+    if p.exists() or str(path_or_id).count("/") != 1: return "causal_lm", None
+    try:
+        from huggingface_hub import hf_hub_download
+        cfg = json.loads(Path(hf_hub_download(str(path_or_id), "config.json")).read_text())
+    except Exception: return "causal_lm", None
+    if cfg.get("model_type") not in ("internvl_chat", "internvl") and "llm_config" not in cfg: return "causal_lm", None
+    folder = resolve_model_folder(path_or_id)
+    return (llm_checkpoint_layout(folder), folder) if folder is not None else ("causal_lm", None)
+
 def load_llm(path_or_id:str|Path, dtype=None, device=None, attn_implementation:str|None="sdpa",
              trust_remote_code:bool=False, freeze:bool=True, **kwargs):
-    "Load a causal LM and its tokenizer with `from_pretrained`, add the special tokens, freeze it; returns (llm, tokenizer)."
-    from transformers import AutoTokenizer, AutoModelForCausalLM
-    tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-    kw = dict(trust_remote_code=trust_remote_code, **kwargs)
-    if dtype is not None: kw["dtype"] = dtype
-    try: llm = AutoModelForCausalLM.from_pretrained(str(path_or_id), attn_implementation=attn_implementation, **kw)
-    except (ValueError, ImportError) as e:
-        if attn_implementation is None: raise
-        warnings.warn(f"{path_or_id}: attn_implementation={attn_implementation!r} refused ({e}); using the model's default")
-        llm = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kw)
+    "A causal LM and its tokenizer, special tokens added, frozen: a plain causal LM, or only the language model of an InternVL checkpoint; (llm, tokenizer)."
+    from transformers import AutoModelForCausalLM
+    layout, folder = _layout_of(path_or_id)
+    if layout != "causal_lm":
+        tok = load_tokenizer(folder, trust_remote_code)
+        llm = internvl_language_model(folder, dtype=dtype)
+    else:
+        tok = load_tokenizer(path_or_id, trust_remote_code)
+        kw = dict(trust_remote_code=trust_remote_code, **kwargs)
+        if dtype is not None: kw["dtype"] = dtype
+        try: llm = AutoModelForCausalLM.from_pretrained(str(path_or_id), attn_implementation=attn_implementation, **kw)
+        except (ValueError, ImportError) as e:
+            if attn_implementation is None: raise
+            warnings.warn(f"{path_or_id}: attn_implementation={attn_implementation!r} refused ({e}); using the model's default")
+            llm = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kw)
     add_image_tokens(tok, llm)
     if device is not None: llm.to(device)
     llm.eval()
@@ -287,6 +431,78 @@ def build_tiny_llm(out:str|Path|None=None, seed:int=0, corpus:list[str]|None=Non
 def load_tiny_llm(seed:int=0, device=None, **kwargs):
     "The tiny offline LLM and its tokenizer (built into the cache on first use): (llm, tokenizer)."
     return load_llm(build_tiny_llm(seed=seed), device=device, **kwargs)
+
+# %% ../nbs/09_mllm.ipynb #01770523
+_STANDIN_TOKENIZER_CODE = '''"""Stand-in for InternLM2's remote tokenizer code in a tiny test checkpoint (the real one is sentencepiece-based)."""
+from transformers import PreTrainedTokenizerFast
+
+class InternLM2Tokenizer(PreTrainedTokenizerFast):
+    "Reads tokenizer.json; stands in for InternLM2's own tokenizer class."
+'''
+
+def _tiny_internlm2_config(vocab_size:int, hidden_size:int=64, layers:int=2, heads:int=4, kv_heads:int=2) -> dict:
+    "InternLM2's config keys (as in InternVL2.5-2B's `llm_config`) at a tiny size."
+    return {"architectures": ["InternLM2ForCausalLM"], "attn_implementation": "eager",
+            "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config", "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                         "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+            "bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu", "hidden_size": hidden_size,
+            "initializer_range": 0.02, "intermediate_size": 2 * hidden_size, "max_position_embeddings": 2048, "model_type": "internlm2",
+            "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads, "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 2.0, "type": "dynamic"}, "rope_theta": 1000000,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": vocab_size}
+
+def _random_internlm2_state(c:dict, seed:int=0) -> dict:
+    "Random InternLM2 weights under InternLM2's own names (`tok_embeddings`, packed `attention.wqkv`, `feed_forward.w1/w2/w3`, `output`)."
+    g = torch.Generator().manual_seed(seed)
+    H, V, I, nh, nkv = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = H // nh
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    sd = {"model.tok_embeddings.weight": r(V, H), "model.norm.weight": 1 + r(H), "output.weight": r(V, H)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({p + "attention.wqkv.weight": r(nkv * (nh // nkv + 2) * d, H), p + "attention.wo.weight": r(H, H),
+                   p + "feed_forward.w1.weight": r(I, H), p + "feed_forward.w3.weight": r(I, H), p + "feed_forward.w2.weight": r(H, I),
+                   p + "attention_norm.weight": 1 + r(H), p + "ffn_norm.weight": 1 + r(H)})
+    return sd
+
+def save_tiny_internvl(folder:str|Path, layout:str="internvl_chat", seed:int=0) -> Path:
+    "A tiny random InternVL checkpoint in `layout`: `internvl_chat` (InternVL2.5's files: InternLM2 weights and config keys, remote-code tokenizer) or `internvl_hf`."
+    from safetensors.torch import save_file
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    tok = train_caption_tokenizer(tiny_caption_corpus(200), vocab_size=400)
+    if layout == "internvl_hf":
+        from transformers import InternVLConfig, InternVLForConditionalGeneration
+        cfg = InternVLConfig(text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id),
+                             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                image_size=[28, 28], patch_size=[14, 14]),
+                             image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed); InternVLForConditionalGeneration(cfg).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return folder
+    if layout != "internvl_chat": raise InputError(f"layout must be internvl_chat or internvl_hf, not {layout!r}")
+    llm_cfg = _tiny_internlm2_config(len(tok))
+    vis = {"architectures": ["InternVisionModel"], "hidden_size": 32, "image_size": 28, "patch_size": 14, "intermediate_size": 64,
+           "num_attention_heads": 2, "num_hidden_layers": 1, "model_type": "intern_vit_6b", "norm_type": "layer_norm", "qkv_bias": True}
+    cfg = {"architectures": ["InternVLChatModel"], "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+           "AutoModel": "modeling_internvl_chat.InternVLChatModel", "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+           "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": 28, "llm_config": llm_cfg, "max_dynamic_patch": 12,
+           "min_dynamic_patch": 1, "model_type": "internvl_chat", "ps_version": "v2", "select_layer": -1, "template": "internvl2_5",
+           "torch_dtype": "bfloat16", "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": True, "vision_config": vis}
+    g = torch.Generator().manual_seed(seed + 1)
+    sd = {"language_model." + k: v for k, v in _random_internlm2_state(llm_cfg, seed).items()}
+    sd.update({"vision_model.embeddings.patch_embedding.weight": torch.randn(32, 3, 14, 14, generator=g),
+               "mlp1.0.weight": torch.ones(128), "mlp1.0.bias": torch.zeros(128), "mlp1.1.weight": torch.randn(64, 128, generator=g),
+               "mlp1.1.bias": torch.zeros(64), "mlp1.3.weight": torch.randn(64, 64, generator=g), "mlp1.3.bias": torch.zeros(64)})
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(folder/"model.safetensors"), metadata={"format": "pt"})
+    (folder/"config.json").write_text(json.dumps(cfg, indent=2))
+    tok.save_pretrained(folder)
+    tc = json.loads((folder/"tokenizer_config.json").read_text())
+    tc.update(tokenizer_class="InternLM2Tokenizer", auto_map={"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]})
+    (folder/"tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    (folder/"tokenization_internlm2.py").write_text(_STANDIN_TOKENIZER_CODE)
+    return folder
 
 # %% ../nbs/09_mllm.ipynb #3d65ec85
 TINY_SAM_ENCODER = dict(img_size=256, patch_size=16, embed_dim=128, depth=4, num_heads=4, window_size=6,

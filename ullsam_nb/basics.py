@@ -105,6 +105,9 @@ def _write_failure(e:BaseException, path:Path, in_block:bool=True):
     if isinstance(e, OSError) and (not in_block or e.errno in _DISK_ERRNOS):
         return WriteError(path, e.strerror or str(e))
     msg = str(e)
+    for text, reason in (("No space left", "No space left on device"), ("StorageFull", "No space left on device"),
+                         ("File too large", "File too large"), ("FileTooLarge", "File too large"), ("quota exceeded", "Disk quota exceeded")):
+        if text in msg: return WriteError(path, reason)          # libraries that wrap the OS error in their own (safetensors)
     if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in msg or "inline_container" in msg or "file write failed" in msg):
         import shutil
         try: full = shutil.disk_usage(path.parent).free < 16 << 20

@@ -386,7 +386,8 @@ def segment(self:ULLSAM, image, points=None, point_labels=None, boxes=None, mult
 def save(self:ULLSAM, folder) -> Path:
     "Save as `folder/model.safetensors` + `folder/config.json` (atomic); returns the folder."
     from safetensors.torch import save_model
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    from ullsam_nb.basics import output_folder
+    folder = output_folder(folder, "model folder")
     with atomic_path(folder/"model.safetensors") as p:
         save_model(self, str(p), metadata={"format": "ullsam_nb.model/1", "mode": self.config.mode})
     self.config.to_json(folder/"config.json")
@@ -399,6 +400,12 @@ def load(cls:ULLSAM, folder, device=None, **overrides) -> ULLSAM:
     folder = Path(folder)
     for f in ("config.json", "model.safetensors"):
         if not (folder/f).exists(): raise InputError(f"not a saved uLLSAM model: {f} missing", folder)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(folder/"model.safetensors"), framework="pt") as f: f.keys()
+    except Exception as e:              # random bytes, a cut copy, another format: say which file, before building anything
+        raise InputError(f"not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                         folder/"model.safetensors") from None
     d = load_json(folder/"config.json")
     if "mode" in overrides and overrides["mode"] != d.get("mode") and "stage_parts" not in overrides:
         overrides["stage_parts"] = None          # another mode: its own default freezing policy

@@ -11,16 +11,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from .basics import (InputError, atomic_write, atomic_path, save_json, load_json, default_device,
+from .basics import (InputError, WriteError, output_folder, atomic_write, atomic_path, save_json, load_json, default_device,
                               seed_everything, progress, hash_state_dict)
 
 # %% auto #0
-__all__ = ['TRUE_WORDS', 'FALSE_WORDS', 'PRESETS', 'NO_DECAY_WORDS', 'str2bool', 'TrainConfig', 'make_config', 'load_config',
-           'save_config', 'is_no_decay', 'decay_groups', 'warmup_cosine', 'make_scheduler', 'DistInfo',
-           'init_distributed', 'barrier', 'rng_state', 'set_rng_state', 'isolated_rng', 'ResumableSampler', 'CSVLog',
-           'read_log', 'StopFlag', 'save_weights', 'Trainer', 'ToyDataset', 'ToyTask', 'weights_hash', 'CaptionDataset',
-           'collate_captions', 'CaptionTask', 'prompted_instance_scores', 'SegmentationTask', 'synthetic_world',
-           'training_pairs', 'build_model', 'build_task', 'train_cmd']
+__all__ = ['TRUE_WORDS', 'FALSE_WORDS', 'PRESETS', 'NO_DECAY_WORDS', 'str2bool', 'TrainConfig', 'make_config', 'parse_stages',
+           'load_config', 'save_config', 'stage_configs', 'check_world_size', 'is_no_decay', 'decay_groups',
+           'warmup_cosine', 'make_scheduler', 'DistInfo', 'init_distributed', 'barrier', 'rng_state', 'set_rng_state',
+           'isolated_rng', 'ResumableSampler', 'CSVLog', 'read_log', 'StopFlag', 'save_weights', 'Trainer',
+           'ToyDataset', 'ToyTask', 'weights_hash', 'CaptionDataset', 'collate_captions', 'CaptionTask',
+           'prompted_instance_scores', 'SegmentationTask', 'synthetic_world', 'training_pairs', 'build_model',
+           'build_task', 'train_cmd', 'train_stages']
 
 # %% ../nbs/14_train.ipynb #d7078a8f
 TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")
@@ -59,6 +60,9 @@ class TrainConfig:
     llm_dtype: str = ""                 # dtype of the (frozen) LLM weights, e.g. "bfloat16" (empty: as loaded)
     trust_remote_code: bool = False     # let transformers run the LLM's own code (InternLM2)
     init: str = ""                      # start from a saved model folder (model.safetensors + config.json), e.g. stage 2's output
+    stages: str = ""                    # chain stages, e.g. "1,2,3": each starts from the previous one's model (OUT/stage1, ...); empty: `stage` alone
+    stage_settings: dict = field(default_factory=dict)  # per-stage overrides when chaining, e.g. {1: {epochs: 1}, 2: {lr_llm: 1.0e-5}}
+    world_size: int = 0                 # processes the recipe intends (paper: 4 GPUs); another actual number warns (effective batch); 0 = any
     synth_n: int = 80                   # with empty `data`: images of the synthetic world generated into the cache
     input_mode: str = "ullsam"          # ullsam (square resize, [0,1]) | sam (longest side + pad, SAM mean/std)
     max_instances: int = 4              # prompted instances per image
@@ -82,6 +86,8 @@ class TrainConfig:
     monitor_mode: str = "max"           # max | min
     validate: bool = True               # validate at each epoch end
     keep_epoch_checkpoints: bool = True # keep checkpoints/epoch_NNN.safetensors (weights) for every epoch
+    checkpoint_every: int = 0           # also write checkpoints/last.pt every N optimizer steps (0 = only by time and at epoch ends)
+    checkpoint_minutes: float = 10.0    # also write checkpoints/last.pt when this many minutes passed since the last one (0 = off)
     find_unused_parameters: bool = False  # DDP option, for stages where some trainable parameters get no gradient
     device: str = ""                    # empty: `default_device()`
 
@@ -112,17 +118,53 @@ def make_config(base:TrainConfig|dict|None=None, path=None, **overrides) -> Trai
     if cfg.precision not in ("auto", "bf16", "fp32"): raise InputError(f"precision must be auto, bf16 or fp32, not {cfg.precision!r}", path)
     if cfg.monitor_mode not in ("max", "min"): raise InputError(f"monitor_mode must be max or min, not {cfg.monitor_mode!r}", path)
     if cfg.batch_size < 1 or cfg.accumulation < 1 or cfg.epochs < 1: raise InputError("batch_size, accumulation and epochs must be >= 1", path)
+    if cfg.stages: parse_stages(cfg.stages)
+    cfg = replace(cfg, stage_settings=_stage_settings(cfg.stage_settings, path))
     return cfg
+
+# %% ../nbs/14_train.ipynb #7d5078b3
+def parse_stages(text) -> list:
+    "Stage numbers from `'1,2,3'`, `'2-3'`, a number or a list; in training order (ascending, no repeats); [] for empty."
+    if text is None or text == "": return []
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
+    out = []
+    for it in items:
+        it = str(it)
+        try:
+            if "-" in it: a, b = it.split("-"); out += list(range(int(a), int(b) + 1))
+            elif it: out.append(int(it))
+        except ValueError: raise InputError(f"stages must be numbers like 1,2,3 or 1-3, got {text!r}") from None
+    bad = [s for s in out if s not in STAGES]
+    if bad or not out: raise InputError(f"stages must be among {sorted(STAGES)}, got {text!r}")
+    if out != sorted(set(out)): raise InputError(f"stages run in order, each once (each starts from the previous one's model): got {text!r}")
+    return out
+
+def _stage_settings(d, path=None) -> dict:
+    "`stage_settings` checked: {stage number: {setting: value}} with known settings (not stage/stages/stage_settings)."
+    if not d: return {}
+    if not isinstance(d, dict): raise InputError("stage_settings must map stage numbers to settings", path)
+    known = {f.name for f in fields(TrainConfig)} - {"stage", "stages", "stage_settings"}
+    out = {}
+    for k, v in d.items():
+        try: s = int(k)
+        except (TypeError, ValueError): s = None
+        if s not in STAGES: raise InputError(f"stage_settings: {k!r} is not a stage ({sorted(STAGES)})", path)
+        if not isinstance(v, dict): raise InputError(f"stage_settings[{k}] must be a mapping of settings", path)
+        bad = sorted(set(v) - known)
+        if bad: raise InputError(f"stage_settings[{k}]: unknown or not per-stage setting(s) {', '.join(bad)}", path)
+        out[s] = dict(v)
+    return out
 
 # %% ../nbs/14_train.ipynb #2d1f935c
 PRESETS = {
     "tiny": dict(stage=3, mode="ullsam", data="", sam="tiny", llm="tiny", epochs=4, batch_size=2, accumulation=1,
                  lr=1e-3, warmup=0.03, clip=1.0, precision="auto", seed=42, max_instances=4, n_negative=3,
-                 synth_n=80, max_train_images=64, max_val_images=8),
+                 synth_n=80, max_train_images=64, max_val_images=8, stage_settings={1: dict(epochs=1), 2: dict(epochs=1)}),
     "paper": dict(stage=3, mode="ullsam", data="data/ullsam/train.jsonl", val_data="data/ullsam/val.jsonl",
                   sam="vit_b", sam_checkpoint="checkpoints/vit_b_em.pt", llm="OpenGVLab/InternVL2_5-2B", llm_dtype="bfloat16", trust_remote_code=True,
                   input_mode="ullsam", epochs=24, batch_size=1, accumulation=8, lr=1e-3, weight_decay=0.01,
-                  warmup=0.03, clip=1.0, precision="bf16", seed=42, max_instances=4, n_negative=3, num_workers=4),
+                  warmup=0.03, clip=1.0, precision="bf16", seed=42, max_instances=4, n_negative=3, num_workers=4,
+                  stages="1,2,3", stage_settings={1: dict(epochs=1), 2: dict(epochs=1, lr_llm=1e-5)}, world_size=4),
 }
 
 def load_config(path=None, preset:str|None=None, **overrides) -> TrainConfig:
@@ -152,6 +194,27 @@ def save_config(cfg:TrainConfig, path) -> Path:
     import yaml
     with atomic_write(path, "w") as f: yaml.safe_dump(asdict(cfg), f, sort_keys=False)
     return path
+
+# %% ../nbs/14_train.ipynb #b0acd673
+def stage_configs(cfg:TrainConfig) -> list:
+    "`[(stage, TrainConfig)]` of a chained run: the config with `stage` set and that stage's `stage_settings` applied; caption stages monitor `val_loss`."
+    plan = []
+    for s in parse_stages(cfg.stages):
+        c = make_config(replace(cfg, stages="", stage_settings={}), **cfg.stage_settings.get(s, {}), stage=s)
+        if s in (1, 2) and c.monitor == "mSA": c = replace(c, monitor="val_loss", monitor_mode="min")
+        plan.append((s, c))
+    return plan
+
+def check_world_size(cfg:TrainConfig, world_size:int) -> int:
+    "The effective batch (processes × batch × accumulation); warns when it differs from the recipe's (`cfg.world_size` processes)."
+    eff = world_size * cfg.batch_size * cfg.accumulation
+    if cfg.world_size and world_size != cfg.world_size:
+        want = cfg.world_size * cfg.batch_size * cfg.accumulation
+        acc = want / (world_size * cfg.batch_size)
+        hint = f"; to keep the recipe's batch set accumulation={int(acc)}" if acc == int(acc) else ""
+        warnings.warn(f"effective batch {world_size} process(es) x {cfg.batch_size} x {cfg.accumulation} accumulation = {eff} images per "
+                      f"optimizer step, but the recipe is {cfg.world_size} x {cfg.batch_size} x {cfg.accumulation} = {want}{hint}", stacklevel=2)
+    return eff
 
 # %% ../nbs/14_train.ipynb #3cbdbfd9
 NO_DECAY_WORDS = ("bias", "norm", "ln_", ".ln", "layernorm", "embed_scale")
@@ -274,8 +337,10 @@ class CSVLog:
             self.columns += new; self._rewrite(); return
         import io
         buf = io.StringIO(); csv.DictWriter(buf, self.columns, extrasaction="ignore").writerow(row)
-        with open(self.path, "a", newline="") as f:
-            f.write(buf.getvalue()); f.flush(); os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", newline="") as f:
+                f.write(buf.getvalue()); f.flush(); os.fsync(f.fileno())
+        except OSError as e: raise WriteError(self.path, e.strerror or str(e)) from None
 
 def read_log(path):
     "The CSV log as a pandas DataFrame."
@@ -348,7 +413,7 @@ class Trainer:
         self.total_steps = self.cfg.schedule_steps or self.cfg.epochs * self.steps_per_epoch
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, self.cfg.warmup, self.cfg.min_lr_ratio)
         self.epoch, self.batch_in_epoch, self.opt_step, self.micro, self.best = 0, 0, 0, 0, None
-        self._acc_loss, self._in_update = 0.0, False
+        self._acc_loss, self._in_update, self._last_checkpoint = 0.0, False, time.monotonic()
 
     # --- sizes ---
     @property
@@ -393,6 +458,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"]); self.scheduler.load_state_dict(st["scheduler"])
         self.epoch, self.batch_in_epoch, self.opt_step, self.micro = st["epoch"], st["batch_in_epoch"], st["opt_step"], st["micro"]
         self._acc_loss, self.best = st["acc_loss"], st["best"]
+        self.cfg = replace(self.cfg, max_steps=int(st["config"].get("max_steps") or 0))    # the run's own stopping rule
         for i, p in enumerate(self.params):
             p.grad = st["grads"][str(i)].to(p.device) if str(i) in st["grads"] else None
         set_rng_state(st["rng"])
@@ -404,13 +470,35 @@ class Trainer:
         "Write `checkpoints/last.pt` atomically (rank 0), then wait for all ranks."
         if self.out is not None and self.dist.is_main:
             with atomic_write(self.last_path) as f: torch.save(self.state_dict(), f)
+        self._last_checkpoint = time.monotonic()
         barrier(self.dist)
 
+    def checkpoint_due(self) -> bool:
+        "After an optimizer step: is a mid-epoch `last.pt` due (`checkpoint_every` steps or `checkpoint_minutes` passed)? Every rank agrees."
+        every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
+        due = bool(every and self.opt_step % every == 0)
+        if minutes and minutes > 0:
+            late = time.monotonic() - self._last_checkpoint >= 60 * minutes
+            if self.dist.distributed:                 # clocks differ between ranks: rank 0's decides, or the barrier would hang
+                import torch.distributed as dist
+                flag = torch.tensor([float(late)], device=self.device if self.device.type == "cuda" else "cpu")
+                dist.broadcast(flag, 0); late = bool(flag.item())
+            due = due or late
+        return due
+
     def load_checkpoint(self, path=None):
-        "Resume from `path` (default `checkpoints/last.pt`); every rank reads the same file."
+        "Resume from `path` (default `checkpoints/last.pt`); every rank reads the same file. A damaged or foreign file is an `InputError` naming it."
         path = Path(path) if path else self.last_path
         if not path.exists(): raise InputError("no checkpoint to resume from", path)
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try: st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"cannot read this checkpoint ({type(e).__name__}: {why}); it is damaged or was not written by ullsam_nb "
+                             f"(only plain tensors and numbers are loaded): delete it to start over", path) from None
+        try: self.load_state_dict(st)
+        except InputError as e: raise InputError(e.problem, path) from None
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise InputError(f"checkpoint does not fit this run ({type(e).__name__}: {str(e)[:200]})", path) from None
 
     def save_model(self, folder) -> Path:
         "The task's model and the run's config into `folder` (`model.safetensors`, `config.json`)."
@@ -455,10 +543,11 @@ class Trainer:
         return metrics
 
     def fit(self, max_steps:int|None=None, resume:bool=False) -> dict:
-        "Train to the end of the planned epochs (or `max_steps` optimizer steps); `resume=True` continues from `checkpoints/last.pt`."
-        cfg, main = self.cfg, self.dist.is_main
-        max_steps = max_steps or cfg.max_steps or None
+        "Train to the end of the planned epochs or `max_steps` optimizer steps (saved with the run; 0 = no limit); `resume=True` continues from `checkpoints/last.pt`."
         if resume: self.load_checkpoint()
+        if max_steps is not None: self.cfg = replace(self.cfg, max_steps=int(max_steps))   # the stopping rule is saved with the run
+        cfg, main = self.cfg, self.dist.is_main
+        max_steps = cfg.max_steps or None
         log = CSVLog(self.out/"log.csv", resume_step=self.opt_step if resume else None) if (self.out is not None and main) else None
         if self.out is not None and main: save_json(asdict(cfg), self.out/"train_config.json")
         barrier(self.dist)
@@ -494,6 +583,7 @@ class Trainer:
                             bar.update(1); bar.set_postfix(loss=f"{self._acc_loss:.4f}", lr=f"{lr:.2e}")
                             self._acc_loss = 0.0
                             if max_steps and self.opt_step >= max_steps: stopped = "max_steps"; break
+                            if self.batch_in_epoch < self.batches_per_epoch and self.checkpoint_due(): self.save_checkpoint()
                         if flag.requested: stopped = "interrupted"; break
                     if stopped is not None: break
                     self.epoch += 1; self.batch_in_epoch = 0          # the epoch is done: validate, then checkpoint
@@ -649,9 +739,11 @@ class SegmentationTask:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def training_step(self, batch) -> dict:
-        "`joint_loss` of one collated batch: loss, bce, dice, boundary, n_instances."
+        "`joint_loss` of one collated batch: loss, bce, dice_loss, boundary, n_instances."
         from ullsam_nb.model import joint_loss
-        return joint_loss(self.model, self._to_device(batch), boundary_weight=self.boundary_weight)
+        out = joint_loss(self.model, self._to_device(batch), boundary_weight=self.boundary_weight)
+        out["dice_loss"] = out.pop("dice")        # the soft Dice *loss*; log.csv's `dice` column is the validation Dice *score*
+        return out
 
     def validate(self) -> dict:
         "Mean over validation images of `prompted_instance_scores` (fixed prompts): mSA, SA50, dice."
@@ -735,18 +827,21 @@ def _parse_set(text:str|None) -> dict:
 def train_cmd(out:str,                  # output folder: model.safetensors, config.json, log.csv, checkpoints/
               config:str=None,          # YAML/JSON file of training settings
               preset:str=None,          # preset: tiny | paper
-              max_steps:int=None,       # stop after this many optimizer steps (the schedule still spans the planned run)
-              resume:bool=False,        # continue from OUT/checkpoints/last.pt with OUT/train_config.json
+              max_steps:int=None,       # stop after this many optimizer steps, saved with the run (0 = no limit; the schedule still spans the planned run)
+              resume:bool=False,        # continue from OUT/checkpoints/last.pt with OUT/train_config.json and its --max-steps
               data:str=None,            # dataset folder or JSONL manifest (overrides the config)
               stage:int=None,           # 1 caption pre-training, 2 caption SFT, 3 joint segmentation
+              stages:str=None,          # chain stages, e.g. 1,2,3: each starts from the previous one's model (OUT/stage1, ...)
+              llm:str=None,             # LLM: tiny, random, a folder or hub id (a causal LM, or an InternVL checkpoint: its language model)
               mode:str=None,            # baseline | ullsam | frozen_vlk
               epochs:int=None,          # number of epochs
               sbr_loss:str=None,        # SBR boundary loss on/off (true/false)
               set:str=None,             # more settings, comma-separated KEY=VALUE (e.g. lr=3e-4,validate=false)
               quiet:bool=False):        # no progress bar
     "Train uLLSAM (any stage) from a preset and/or config file; writes the model, config, log and checkpoints to OUT."
-    out = Path(out)
-    cli = {k: v for k, v in dict(data=data, stage=stage, mode=mode, epochs=epochs, sbr_loss=sbr_loss).items() if v is not None}
+    out = output_folder(out, "--out (the run's folder)")
+    cli = {k: v for k, v in dict(data=data, stage=stage, mode=mode, epochs=epochs, sbr_loss=sbr_loss, stages=stages, llm=llm).items() if v is not None}
+    if stage is not None and stages is None: cli["stages"] = ""          # an explicit --stage runs that stage alone
     cli.update(_parse_set(set))
     if resume:
         saved = out/"train_config.json"
@@ -757,7 +852,9 @@ def train_cmd(out:str,                  # output folder: model.safetensors, conf
         if not (config or preset): raise InputError("give --config FILE or --preset NAME")
         cfg = load_config(config, preset, **cli)
         if cfg.stage in (1, 2) and cfg.monitor == "mSA": cfg = replace(cfg, monitor="val_loss", monitor_mode="min")
+    if cfg.stages: return train_stages(cfg, out, max_steps=max_steps, resume=resume, quiet=quiet)
     info = init_distributed(cfg.device or None)
+    if info.is_main: check_world_size(cfg, info.world_size)
     if info.is_main and not cfg.data and cfg.task == "ullsam": synthetic_world(cfg.synth_n, cfg.split_seed)     # rank 0 builds the cached world once
     barrier(info)
     task = build_task(cfg)
@@ -770,3 +867,32 @@ def train_cmd(out:str,                  # output folder: model.safetensors, conf
               f"loss {last.get('loss', float('nan')):.4f}{'; val ' + val if val else ''} -> {out}")
         if res["status"] == "interrupted": print(f"train: resume with `ullsam train --out {out} --resume`")
     return 130 if res["status"] == "interrupted" else 0
+
+# %% ../nbs/14_train.ipynb #5b884e08
+def train_stages(cfg:TrainConfig, out, max_steps:int=None, resume:bool=False, quiet:bool=False) -> int:
+    "Run the stages `cfg.stages` in order into `OUT/stage<N>`, each starting from the previous stage's model; `resume` continues where it stopped."
+    out = Path(out)
+    plan = stage_configs(cfg)
+    info = init_distributed(cfg.device or None)
+    if info.is_main and not resume: save_json(asdict(cfg), out/"train_config.json")
+    prev = cfg.init or ""
+    for s, c in plan:
+        folder = out/f"stage{s}"
+        done = folder/"stage_done.json"
+        if done.exists():
+            if not resume: raise InputError(f"stage {s} is already trained here: use --resume to go on, or another --out", folder)
+            prev = str(folder); continue
+        c = replace(c, init=prev)
+        if info.is_main: save_config(c, out/f"stage{s}.yaml")
+        barrier(info)
+        started = (folder/"train_config.json").exists() and (folder/"checkpoints"/"last.pt").exists()
+        if info.is_main: print(f"train: stage {s} ({STAGES[s]}){' from ' + prev if prev else ''} -> {folder}")
+        rc = train_cmd(str(folder), resume=True, max_steps=max_steps, quiet=quiet) if (resume and started) else \
+             train_cmd(str(folder), config=str(out/f"stage{s}.yaml"), max_steps=max_steps, quiet=quiet)
+        if rc != 0:
+            if info.is_main: print(f"train: stopped in stage {s}; resume the chain with `ullsam train --out {out} --resume`")
+            return rc
+        if info.is_main: save_json(dict(stage=s, name=STAGES[s], init=prev, max_steps=max_steps), done)
+        barrier(info)
+        prev = str(folder)
+    return 0

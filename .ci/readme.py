@@ -1,14 +1,27 @@
 #!/usr/bin/env python
 """Write README.md from nbs/index.ipynb without Quarto (where Quarto exists, `nbdev_docs` does the same job).
 
-Markdown cells are copied verbatim; visible code cells become ```python blocks; `#| hide` cells are left out.
+Markdown cells are copied verbatim, except relative links, which are rewritten to work from the repository root
+(`tutorials/x.ipynb` in nbs/index.ipynb becomes `nbs/tutorials/x.ipynb`); visible code cells become ```python blocks;
+`#| hide` cells are left out.
 Usage: python .ci/readme.py [--check]   (--check exits 1 if README.md is out of date)
 """
-import sys
+import re, sys
 from pathlib import Path
 import nbformat
 
 root = Path(__file__).resolve().parent.parent
+
+def root_links(md:str, base=root/'nbs') -> str:
+    "Rewrite markdown links relative to `base` (where index.ipynb lives) so they resolve from the repository root."
+    def fix(m):
+        target = m[2]
+        if re.match(r"[a-z]+:|#|/", target): return m[0]
+        path = target.split("#")[0]
+        if not (root/path).exists() and (base/path).exists():
+            target = (base/target).relative_to(root).as_posix() if "#" not in target else (base/path).relative_to(root).as_posix() + "#" + target.split("#", 1)[1]
+        return f"{m[1]}({target})"
+    return re.sub(r"(\[[^\]]*\])\(([^)\s]+)\)", fix, md)
 
 def render(nb_path=root/'nbs'/'index.ipynb') -> str:
     nb = nbformat.read(nb_path, as_version=4)
@@ -16,7 +29,7 @@ def render(nb_path=root/'nbs'/'index.ipynb') -> str:
     for c in nb.cells:
         src = c.source.strip()
         if not src: continue
-        if c.cell_type == 'markdown': parts.append(src)
+        if c.cell_type == 'markdown': parts.append(root_links(src))
         elif c.cell_type == 'code' and not src.startswith('#| hide'):
             parts.append("```python\n" + "\n".join(l for l in src.splitlines() if not l.startswith('#|')) + "\n```")
     return "\n\n".join(parts) + "\n"

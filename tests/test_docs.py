@@ -1,6 +1,6 @@
 """Docs checks that need no Quarto: every public name is documented and rendered, the site config is complete,
 and README.md is the rendering of nbs/index.ipynb. (`nbdev_docs` builds the site where Quarto is installed.)"""
-import importlib, inspect, os, pkgutil, subprocess, sys
+import contextlib, importlib, inspect, io, os, pkgutil, re, shlex, shutil, subprocess, sys
 from pathlib import Path
 import pytest, yaml, nbformat
 
@@ -67,12 +67,52 @@ def test_sidebar_lists_every_page_in_order():
     tutorials = [f for f in listed if f.startswith("tutorials/")]
     assert tutorials == sorted(tutorials), "tutorials must be listed in order"
 
+def _readme_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ci_readme", ROOT/".ci"/"readme.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
 def test_readme_is_rendered_from_index():
     out = subprocess.run([sys.executable, str(ROOT/".ci"/"readme.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    readme = (ROOT/"README.md").read_text()
+    readme, root_links = (ROOT/"README.md").read_text(), _readme_module().root_links
     for c in nbformat.read(NBS/"index.ipynb", as_version=4).cells:
-        if c.cell_type == "markdown": assert c.source.strip() in readme
+        if c.cell_type == "markdown": assert root_links(c.source.strip()) in readme
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+def _relative_links(md):
+    return [t.split("#")[0] for t in _LINK.findall(md) if not re.match(r"[a-z]+:|#|/", t)]
+
+def test_readme_links_resolve_from_the_repository_root():
+    "README.md is read at the repository root (GitHub, a clone): its relative links must exist from there."
+    links = _relative_links((ROOT/"README.md").read_text())
+    assert any(l.startswith("nbs/tutorials/") for l in links), links
+    missing = [l for l in links if not (ROOT/l).exists()]
+    assert not missing, f"README.md links to files that do not exist from the repository root: {missing}"
+
+def test_notebook_links_resolve_from_their_folder():
+    "The docs site renders nbs/ as it is laid out: a notebook's relative links must exist next to it."
+    missing = [f"{p.relative_to(ROOT)}: {l}" for p in NBS.rglob("*.ipynb")
+               for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"
+               for l in _relative_links(c.source) if not (p.parent/l).exists()]
+    assert not missing, f"broken relative links: {missing}"
+
+def test_root_links_rewrite():
+    root_links = _readme_module().root_links
+    assert root_links("[t](tutorials/01_quick_start.ipynb)") == "[t](nbs/tutorials/01_quick_start.ipynb)"
+    for kept in ("[s](https://x.org/a)", "[a](#quick-start)", "[l](LICENSE)", "[n](no/such/file.md)"):
+        assert root_links(kept) == kept
+
+def test_cpu_only_install_is_documented():
+    "The CPU-wheel install (no CUDA download) sits beside the README's default command, which stays the first block."
+    readme = (ROOT/"README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = _FENCE.findall(quick)
+    assert len(blocks) >= 2 and blocks[0][0] == "sh" and len(_shell_lines(blocks[0][1])) == 2     # .ci/run reads this one
+    cpu = " ".join(_shell_lines(blocks[1][1]))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu and cpu.index("torch torchvision") < cpu.index('pip install -e ".[dev]"')
 
 def test_docs_processing_runs(tmp_path):
     "nbdev's own pre-render step (show_doc cells, doc links) runs on every notebook without Quarto."
@@ -82,3 +122,95 @@ def test_docs_processing_runs(tmp_path):
     for p in NBS.rglob("*.ipynb"):
         rel = str(p.relative_to(NBS))
         if not rel.startswith(("_", ".")): assert rel in processed, f"{rel} was not processed for the docs"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every shell command the docs show exists: `ullsam ...` in the README and in every notebook (inline code, fenced
+# blocks, `!` lines, backticked text in code cells) is parsed with the real CLI parser; subcommands' --help and the
+# cheap commands are run for real through the console script.
+from ullsam_nb.cli import COMMANDS, command_function, command_parser
+
+_SPAN = re.compile(r"`((?:torchrun [^`\n]*?)?ullsam(?: [^`\n]*)?)`")     # inline code that starts a command
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+def _shell_lines(block):
+    "Logical lines of a shell snippet: `\\` continuations joined, comments dropped."
+    lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+    return [l.split(" #")[0].strip() for l in lines if l.strip() and not l.strip().startswith("#")]
+
+def _markdown_snippets(text):
+    "(snippet, complete): lines of shell code blocks are complete commands; inline code may name a command in prose."
+    for lang, body in _FENCE.findall(text):
+        if lang in ("", "sh", "bash", "shell", "console"): yield from ((l, True) for l in _shell_lines(body))
+    yield from ((s, False) for s in _SPAN.findall(_FENCE.sub("", text)))
+
+def _code_snippets(src):
+    "(snippet, complete): `!` lines of a code cell are complete commands; backticked text in its strings is prose."
+    for line in _shell_lines(src):
+        if line.startswith("!"): yield line[1:], True
+    yield from ((s, False) for s in _SPAN.findall(src))
+
+def doc_commands():
+    "(where, argv after `ullsam`, complete) for every `ullsam` command shown in README.md and the notebooks."
+    sources = [("README.md", *s) for s in _markdown_snippets((ROOT/"README.md").read_text())]
+    for p in sorted(NBS.rglob("*.ipynb")):
+        for i, c in enumerate(nbformat.read(p, as_version=4).cells):
+            snips = _markdown_snippets(c.source) if c.cell_type == "markdown" else _code_snippets(c.source)
+            sources += [(f"{p.relative_to(ROOT)} cell {i}", *s) for s in snips]
+    for where, s, complete in sources:
+        s = s.replace("$(which ullsam)", "ullsam").replace("[", " ").replace("]", " ")
+        if "{" in s: continue                                   # a format string filled in at run time
+        try: toks = shlex.split(s)
+        except ValueError: continue
+        starts = [k for k, t in enumerate(toks) if t == "ullsam" or t.endswith("/ullsam")]
+        if not starts: continue
+        argv = [t for t in toks[starts[0] + 1:] if t != "..."]
+        if argv and not argv[0].isupper(): yield where, argv, complete   # `ullsam COMMAND --help` is a pattern
+
+def check_command(argv, complete:bool=True):
+    "None if `ullsam *argv` parses with the real CLI (required options only checked if `complete`), else the parser's complaint."
+    if argv[0].startswith("-"): return None if set(argv) <= {"--help", "-h", "--version", "--debug"} else f"unknown top-level options {argv}"
+    if argv[0] not in COMMANDS: return f"no subcommand {argv[0]!r} (known: {', '.join(COMMANDS)})"
+    rest = argv[1:]
+    if not rest or "--help" in rest or "-h" in rest: return None   # a name, or a request for help
+    err = io.StringIO()
+    parser = command_parser(command_function(argv[0]), f"ullsam {argv[0]}")
+    if not complete:
+        for a in parser._actions: a.required = False
+    try:
+        with contextlib.redirect_stderr(err): parser.parse_args(rest)
+    except SystemExit: return err.getvalue().strip().splitlines()[-1]
+    return None
+
+def test_doc_command_checker_catches_the_known_mistakes():
+    assert "required: --name" in check_command(["download", "dsb2018"])
+    assert "unrecognized arguments: --no-such-option" in check_command(["train", "--out", "x", "--no-such-option", "y"])
+    assert "required: --out" in check_command(["train", "--preset", "paper"])
+    assert "no subcommand" in check_command(["fly"])
+    assert check_command(["train", "--preset", "paper"], complete=False) is None          # named in prose
+    assert "invalid int value" in check_command(["synth", "--n", "many"], complete=False)
+    assert check_command(["download", "--name", "dsb2018"]) is None and check_command(["segment"]) is None
+    cmds = list(_code_snippets("x = 1\n!ullsam synth --out w \\\n  --n 8  # small\nprint('see `ullsam info`', '`mode` ullsam `x`')"))
+    assert [(shlex.split(c), full) for c, full in cmds] == [(["ullsam", "synth", "--out", "w", "--n", "8"], True), (["ullsam", "info"], False)], cmds
+
+def test_every_command_in_the_docs_exists():
+    found = list(doc_commands())
+    assert len(found) >= 20 and {"README.md"} < {w.split(" cell")[0] for w, _, _ in found}, "command extraction found too little"
+    bad = [f"{where}: ullsam {' '.join(argv)}  ->  {msg}" for where, argv, complete in found if (msg := check_command(argv, complete))]
+    assert not bad, "commands shown in the docs that the CLI rejects:\n" + "\n".join(bad)
+
+def _run_ullsam(argv, cwd):
+    exe = shutil.which("ullsam") or str(Path(sys.executable).parent/"ullsam")
+    return subprocess.run([exe, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+def test_doc_commands_run(tmp_path):
+    "Each subcommand the docs use answers --help from the installed console script; the cheap ones run for real."
+    found = [argv for _, argv, _ in doc_commands()]
+    subs = sorted({a[0] for a in found if not a[0].startswith("-")})
+    for argv in [["--help"]] + [[s, "--help"] for s in subs]:
+        r = _run_ullsam(argv, tmp_path)
+        assert r.returncode == 0 and "usage: ullsam" in r.stdout, f"ullsam {' '.join(argv)}: {r.stdout}{r.stderr}"
+    cheap = [a for a in found if a[0] == "info" or (a[0] == "download" and a[1:] == ["--name", "list"])
+             or (a[0] == "synth" and "--n" in a and int(a[a.index("--n") + 1]) <= 20)]
+    for argv in {tuple(a) for a in cheap}:
+        r = _run_ullsam(list(argv), tmp_path)
+        assert r.returncode == 0, f"ullsam {' '.join(argv)} failed:\n{r.stdout}{r.stderr}"

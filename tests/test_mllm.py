@@ -131,3 +131,83 @@ def test_vlk_cache_reused_across_processes(tmp_path):
     assert first["sum"] == second["sum"]
     files = list((tmp_path / "shared_cache" / "vlk").rglob("*.safetensors"))
     assert len(files) == 3 and not list((tmp_path / "shared_cache" / "vlk").rglob(".*"))
+
+
+# --- InternVL checkpoints as users download them: only the language model and tokenizer are used --------------------
+
+def _internlm2_reference(sd, c, x):
+    "An independent InternLM2 forward (its own weight names, packed wqkv read as (kv head, [g queries, key, value], dim)) -> final-norm hidden states."
+    H, nh, nkv, eps = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+    d, g = H // nh, nh // nkv
+    B, L, _ = x.shape
+    rms = lambda h, w: w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.outer(torch.arange(L, dtype=torch.float64), inv)
+    cos, sin = torch.cat([ang, ang], -1).cos().float(), torch.cat([ang, ang], -1).sin().float()
+    rot = lambda t: torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
+    rope = lambda t: t * cos + rot(t) * sin
+    h = x
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = rms(h, sd[p + "attention_norm.weight"])
+        qkv = (a @ sd[p + "attention.wqkv.weight"].T).reshape(B, L, nkv, g + 2, d)
+        q = qkv[..., :g, :].reshape(B, L, nh, d).transpose(1, 2)
+        k = qkv[..., g, :].transpose(1, 2).repeat_interleave(g, 1)
+        v = qkv[..., g + 1, :].transpose(1, 2).repeat_interleave(g, 1)
+        q, k = rope(q), rope(k)
+        att = (q @ k.transpose(-1, -2)) / d ** 0.5 + torch.full((L, L), float("-inf")).triu(1)
+        o = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, L, H)
+        h = h + o @ sd[p + "attention.wo.weight"].T
+        m = rms(h, sd[p + "ffn_norm.weight"])
+        h = h + (torch.nn.functional.silu(m @ sd[p + "feed_forward.w1.weight"].T) * (m @ sd[p + "feed_forward.w3.weight"].T)) @ sd[p + "feed_forward.w2.weight"].T
+    return rms(h, sd["model.norm.weight"])
+
+
+def test_internvl_chat_checkpoint_gives_its_language_model(tmp_path):
+    "InternVL2.5's layout (InternLM2 names, packed wqkv, bf16, remote-code tokenizer) -> a native LlamaForCausalLM computing what InternLM2 computes."
+    d = mllm.save_tiny_internvl(tmp_path / "InternVL2_5-2B")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "internvl_chat" and cfg["llm_config"]["model_type"] == "internlm2"
+    assert mllm.llm_checkpoint_layout(d) == "internvl_chat"
+    before = {f: hash_file(d / f) for f in os.listdir(d)}
+    with pytest.raises(mllm.InputError, match="trust_remote_code=True"): load_llm(d)
+    llm, tok = load_llm(d, trust_remote_code=True, dtype=torch.float32)
+    assert type(llm).__name__ == "LlamaForCausalLM" and type(tok).__name__ == "InternLM2Tokenizer"
+    assert llm.config.rope_parameters["rope_type"] == "dynamic" and llm.config.rope_parameters["rope_theta"] == 1e6
+    sd = {k[len("language_model."):]: v.float() for k, v in mllm.read_safetensors(d, lambda k: k.startswith("language_model.")).items()}
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(last_hidden_states(llm, x), _internlm2_reference(sd, cfg["llm_config"], x), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(llm.get_output_embeddings().weight[:len(sd["output.weight"])], sd["output.weight"])
+    assert all(t in tok.get_vocab() for t in IMAGE_TOKENS)
+    ext = VLKExtractor(llm, tok, embed_dim=64)
+    with torch.no_grad(): assert ext(torch.randn(1, 64, 16, 16)).shape == (1, 64, 16, 16)
+    assert {f: hash_file(d / f) for f in os.listdir(d)} == before          # the download is never rewritten
+
+
+def test_internvl_hf_checkpoint_gives_its_language_model(tmp_path):
+    "transformers' native InternVL format: the text model's own class, weights from the saved checkpoint, tied head."
+    from transformers import InternVLForConditionalGeneration
+    d = mllm.save_tiny_internvl(tmp_path / "internvl_hf", "internvl_hf")
+    assert mllm.llm_checkpoint_layout(d) == "internvl_hf"
+    llm, tok = load_llm(d)
+    full = InternVLForConditionalGeneration.from_pretrained(d)
+    assert type(llm).__name__ == "Qwen2ForCausalLM"
+    n = full.get_input_embeddings().weight.shape[0]
+    torch.testing.assert_close(llm.get_input_embeddings().weight[:n], full.get_input_embeddings().weight)
+    x = torch.randn(1, 5, llm.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(last_hidden_states(llm, x), full.model.language_model(inputs_embeds=x).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+def test_plain_causal_lm_still_loads(tmp_path):
+    "A plain causal LM folder is not mistaken for InternVL."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = _tokenizer_without_image_tokens()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    assert mllm.llm_checkpoint_layout(tmp_path / "llama") == "causal_lm"
+    llm, _ = load_llm(tmp_path / "llama")
+    assert type(llm).__name__ == "LlamaForCausalLM"
+    with pytest.raises(mllm.InputError, match="no config.json"): mllm.llm_checkpoint_layout(tmp_path)

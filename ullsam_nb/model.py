@@ -21,8 +21,8 @@ from .vlsa import VLSADensePrompt
 from .sbr import segmentation_loss
 
 # %% auto #0
-__all__ = ['MODES', 'STAGES', 'PARTS', 'stage_name', 'default_stage_parts', 'UllsamConfig', 'load_config_llm', 'ULLSAM',
-           'joint_forward', 'joint_loss']
+__all__ = ['MODES', 'STAGES', 'PARTS', 'MASK_PROMPTS', 'stage_name', 'default_stage_parts', 'UllsamConfig', 'load_config_llm',
+           'ULLSAM', 'joint_forward', 'joint_loss', 'DensePromptPredictor']
 
 # %% ../nbs/13_model.ipynb #1facd753
 MODES = ("baseline", "ullsam", "frozen_vlk")
@@ -363,14 +363,32 @@ def caption_loss(self:ULLSAM, images, captions:list) -> torch.Tensor:
     "Stages 1-2: next-token loss of `captions` given the images (image tokens spliced into the chat prompt)."
     return self.mllm()(self.pixels(images), list(captions))
 
+# %% ../nbs/13_model.ipynb #93df4a33
+from .sam import embedding_cache_path, CachedPredictor, MicroscopyMaskGenerator, AMG_PRESETS, masks_to_labels
+from .mllm import cached_vlk, vlk_model_key
+
 # %% ../nbs/13_model.ipynb #42a4a3c1
+@patch
+def vlk_cache_key(self:ULLSAM) -> str:
+    "The VLK path's identity for the disk cache (`mllm.vlk_model_key`: LLM, `mlp1`, `mlp2`, ratio); re-hashed only when those weights change."
+    mods = [self.vlk.llm, self.vlk.mlp1, self.vlk.mlp2]
+    version = tuple((t.data_ptr(), t._version) for m in mods for t in m.state_dict().values())
+    memo = getattr(self, "_vlk_key_memo", None)
+    if memo is None or memo[0] != version:
+        memo = (version, vlk_model_key(self.vlk)); object.__setattr__(self, "_vlk_key_memo", memo)
+    return memo[1]
+
 @patch
 @torch.no_grad()
 def prepare_image(self:ULLSAM, image, cache=False) -> tuple:
-    "`(embedding (1,C,h,w), SamInputInfo, dense prompt (1,C,h,w) or None)` for one image, with the config's preprocessing."
+    "`(embedding (1,C,h,w), SamInputInfo, dense prompt (1,C,h,w) or None)` for one image; with `cache`, embedding and VLK come from / go to the disk caches."
     emb, info = embed_image(self.sam, image, mode=self.config.preprocess, cache=cache)
-    dense = None if self.vlk is None else self.vlsa(self.vlk(emb))
-    return emb, info, dense
+    if self.vlk is None: return emb, info, None
+    if cache:
+        key = embedding_cache_path(self.sam, image, mode=self.config.preprocess, cache=cache).stem   # image + SAM weights + preprocessing
+        vlk = cached_vlk(self.vlk, emb, image_keys=[key], model_key=self.vlk_cache_key())
+    else: vlk = self.vlk(emb)
+    return emb, info, self.vlsa(vlk.to(emb.device))
 
 @patch
 @torch.no_grad()
@@ -380,6 +398,63 @@ def segment(self:ULLSAM, image, points=None, point_labels=None, boxes=None, mult
     emb, info, dense = self.prepare_image(image, cache=cache)
     return segment_prompts(self.sam, image, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask,
                            embedding=(emb, info), dense_prompt=dense, return_logits=return_logits)
+
+# %% ../nbs/13_model.ipynb #a8774d35
+MASK_PROMPTS = ("replace", "vlk_plus_mask")
+
+@patch
+def decode(self:ULLSAM, embedding:torch.Tensor, point_coords=None, point_labels=None, boxes=None, dense_prompt=None,
+           mask_input=None, mask_prompt:str="replace", multimask:bool=False) -> tuple:
+    "SAM's decoder with this model's dense prompt (input frame): `(low-res logits (N,M,4h,4w), iou (N,M))`; a `mask_input` replaces the VLK (`mask_prompt='replace'`) or is added to it (`'vlk_plus_mask'`)."
+    if mask_prompt not in MASK_PROMPTS: raise InputError(f"mask_prompt must be one of {MASK_PROMPTS}, not {mask_prompt!r}")
+    if mask_input is not None and dense_prompt is not None:
+        if mask_prompt == "replace": dense_prompt = None                      # SPEC §1 step 8: a mask prompt takes the dense slot
+        else:
+            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=embedding.device)
+            dense_prompt = dense_prompt.to(embedding.device) + self.sam.prompt_encoder.mask_downscaling(mask_input)
+            mask_input = None
+    return decode_prompts(self.sam, embedding, point_coords, point_labels, boxes, mask_input=mask_input,
+                          dense_prompt=dense_prompt, multimask=multimask)
+
+class DensePromptPredictor(CachedPredictor):
+    "A `CachedPredictor` for a `ULLSAM` model: the image's embedding and its VLSA dense prompt go into every decoder call (SAM's automatic mode)."
+    def __init__(self, model:ULLSAM, cache=False):
+        super().__init__(model.sam, mode=model.config.preprocess, cache=cache)
+        self.ullsam, self.dense = model, None
+
+    def set_image(self, image, image_format:str="RGB"):
+        "Embed `image` and compute its dense prompt (the whole original image, so the caches match prompted use)."
+        full = self.full_image
+        if full is not None and tuple(image.shape[:2]) == tuple(full.shape[:2]): image = full
+        self.reset_image()
+        self.features, info, self.dense = self.ullsam.prepare_image(image, cache=self.cache)
+        self.transform.info = info
+        self.original_size, self.input_size = tuple(info.original_size), tuple(info.input_size)
+        self.is_image_set = True
+
+    @torch.no_grad()
+    def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output:bool=True, return_logits:bool=False):
+        "`SamPredictor.predict_torch` with the model's dense prompt in place of `no_mask_embed`."
+        if not self.is_image_set: raise RuntimeError("set an image first")
+        low, iou = self.ullsam.decode(self.features, point_coords, point_labels, boxes, dense_prompt=self.dense,
+                                      mask_input=mask_input, multimask=multimask_output)
+        masks = self.model.postprocess_masks(low, self.input_size, self.original_size)
+        return (masks if return_logits else masks > self.model.mask_threshold), iou, low
+
+@patch
+def automatic_segmentation(self:ULLSAM, image, preset:str="default", cache=False, points_per_batch:int=64,
+                           return_records:bool=False, **params):
+    "SAM's automatic mode (grid prompts, IoU/stability filters, NMS; `AMG_PRESETS` + `params`) with this model's dense prompt -> (H,W) label map."
+    if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
+    kw = {**AMG_PRESETS[preset], **{k: v for k, v in params.items() if v is not None}}
+    gen = MicroscopyMaskGenerator(self.sam, mode=self.config.preprocess, cache=cache, points_per_batch=points_per_batch, **kw)
+    gen.predictor = DensePromptPredictor(self, cache=cache)
+    records = gen.generate(image)
+    if records:
+        labels = masks_to_labels(np.stack([r["segmentation"] for r in records]),
+                                 np.array([r["predicted_iou"] * r["stability_score"] for r in records]))
+    else: labels = np.zeros(np.asarray(image).shape[:2], np.uint32)
+    return (labels, records) if return_records else labels
 
 # %% ../nbs/13_model.ipynb #55675bcc
 @patch

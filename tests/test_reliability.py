@@ -175,3 +175,153 @@ def test_describe_out_is_a_folder(images, capsys):
     rc = main(["describe", "--images", str(images), "--backend", "tiny", "--out", str(images)])
     err = capsys.readouterr().err
     assert rc == 2 and "is an existing folder" in err and str(images) in err
+
+
+# ---------------------------------------------------------------- training: the stopping rule, mid-epoch checkpoints, bad files, full disk
+TOY = "task=toy,validate=false,keep_epoch_checkpoints=false"
+CLI = [sys.executable, "-c", "import sys; from ullsam_nb.cli import main; sys.exit(main())"]
+
+def train_steps(run):
+    from ullsam_nb.train import read_log
+    df = read_log(run/"log.csv")
+    return list(df[df.kind == "train"].step)
+
+def test_resume_keeps_the_saved_max_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ULLSAM_QUIET", "1")
+    run = tmp_path/"run"
+    assert main(["train", "--out", str(run), "--preset", "tiny", "--set", TOY + ",synth_n=64", "--max-steps", "3", "--quiet"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0        # the command the tool prints after an interrupt
+    assert "at step 3 " in capsys.readouterr().out.splitlines()[-1]
+    assert train_steps(run) == [1, 2, 3]
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--quiet"]) == 0   # a new rule, given explicitly
+    assert train_steps(run) == [1, 2, 3, 4, 5]
+
+
+def test_sigkill_before_the_first_epoch_end_loses_little(tmp_path):
+    run, env = tmp_path/"run", dict(os.environ, ULLSAM_QUIET="1")
+    p = subprocess.Popen(CLI + ["train", "--out", str(run), "--preset", "tiny", "--quiet",
+                                "--set", TOY + ",synth_n=400000,batch_size=1,checkpoint_every=20"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last, t0 = run/"checkpoints"/"last.pt", time.monotonic()
+    try:
+        while not last.exists() and time.monotonic() - t0 < 90 and p.poll() is None: time.sleep(0.05)
+        assert last.exists(), "no checkpoint before the first epoch ended"
+    finally:
+        p.kill(); p.wait(30)                                     # SIGKILL: no handler runs
+    import torch
+    st = torch.load(last, weights_only=True)
+    assert st["epoch"] == 0 and st["opt_step"] >= 20 and st["opt_step"] % 20 == 0
+    k = st["opt_step"]
+    r = subprocess.run(CLI + ["train", "--out", str(run), "--resume", "--max-steps", str(k + 3), "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert train_steps(run)[-4:] == [k, k + 1, k + 2, k + 3]      # continued from the mid-epoch checkpoint
+
+
+def _hostile_pickle(path):
+    import pickle
+    class Boom:
+        def __reduce__(self): return (os.system, (f"touch {path.parent/'pwned'}",))
+    path.write_bytes(pickle.dumps({"model": Boom()}))
+
+@pytest.mark.parametrize("damage", ["garbage", "hostile", "truncated"])
+def test_damaged_checkpoint_on_resume_is_one_line(tmp_path, capsys, monkeypatch, damage):
+    monkeypatch.setenv("ULLSAM_QUIET", "1")
+    run = tmp_path/"run"
+    assert main(["train", "--out", str(run), "--preset", "tiny", "--set", TOY + ",synth_n=64", "--max-steps", "2", "--quiet"]) == 0
+    last = run/"checkpoints"/"last.pt"
+    if damage == "garbage": last.write_bytes(os.urandom(3000))
+    elif damage == "hostile": _hostile_pickle(last)
+    else: last.write_bytes(last.read_bytes()[:700])
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{last}: " in err and "Traceback" not in err, err
+    assert not (run/"pwned").exists()
+
+
+def test_random_bytes_as_init_weights_is_one_line(tmp_path, capsys):
+    init = tmp_path/"init"; init.mkdir()
+    (init/"config.json").write_text("{}"); (init/"model.safetensors").write_bytes(os.urandom(4096))
+    rc = main(["train", "--out", str(tmp_path/"run"), "--preset", "tiny", "--data", str(tmp_path/"nowhere"),
+               "--set", f"init={init}", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.safetensors: not a readable safetensors file" in err and err.count("\n") == 1, err
+
+
+def test_train_out_is_an_existing_file(tmp_path, capsys):
+    (tmp_path/"out").write_text("x")
+    assert main(["train", "--out", str(tmp_path/"out"), "--preset", "tiny", "--set", TOY]) == 2
+    assert "out: --out (the run's folder) is an existing file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_disk_full_while_checkpointing_is_one_line_naming_the_file(tmp_path):
+    import resource
+    def limit():                                                  # the disk "fills" at 12 KB per file: writes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 10, 12 << 10))
+    run = tmp_path/"run"
+    r = subprocess.run(CLI + ["train", "--out", str(run), "--preset", "tiny", "--quiet", "--set", TOY + ",synth_n=64",
+                              "--max-steps", "2"], env=dict(os.environ, ULLSAM_QUIET="1"), capture_output=True, text=True,
+                       timeout=120, preexec_fn=limit)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[-1].startswith("ullsam train: error: ") and "could not write" in lines[-1] and str(run) in lines[-1], lines[-1]
+    assert not [p for p in run.rglob("*") if p.name.startswith(".") and p.suffix == ".tmp"]   # no temp file left behind
+
+
+# ---------------------------------------------------------------- segment: sizes, big ids in PNG, mixed folders, --out
+def _disc_world(root, size=(64, 64), ids=(1, 2), image_name="a.png", mask_name="a.tif", mask_size=None):
+    from ullsam_nb.io import write_image, write_labels
+    yy, xx = np.mgrid[:size[0], :size[1]]
+    lab = np.zeros(size, np.uint32)
+    for k, (cy, cx) in zip(ids, [(18, 18), (44, 44)]): lab[(yy - cy)**2 + (xx - cx)**2 < 81] = k
+    write_image(root/"images"/image_name, (40 + 180 * (lab > 0)).astype(np.uint8))
+    m = lab if mask_size is None else np.zeros(mask_size, np.uint32) + lab[:mask_size[0], :mask_size[1]]
+    write_labels(root/"masks"/mask_name, m)
+    return root
+
+@pytest.fixture
+def quiet_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path/"cache")); monkeypatch.setenv("ULLSAM_QUIET", "1")
+
+def test_segment_refuses_a_gt_of_another_size(tmp_path, capsys, quiet_cache):
+    w = _disc_world(tmp_path, size=(64, 64), mask_size=(32, 32))
+    rc = main(["segment", "--images", str(w/"images"), "--out", str(tmp_path/"pred"), "--gt", str(w/"masks")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a.png: mask" in err and "is 32x32 but the image is 64x64" in err, err
+    assert not (tmp_path/"pred"/"a.png").exists()
+
+def test_segment_png_with_ids_above_65535_falls_back_to_tif(tmp_path, capsys, quiet_cache):
+    w = _disc_world(tmp_path, ids=(70_000, 70_001))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["segment", "--images", str(w/"images"), "--out", str(tmp_path/"pred"), "--gt", str(w/"masks")])
+    assert rc == 0, capsys.readouterr().err
+    from ullsam_nb.io import read_labels
+    assert sorted(p.name for p in (tmp_path/"pred").iterdir()) == ["a.tif"]
+    assert set(np.unique(read_labels(tmp_path/"pred"/"a.tif"))) <= {0, 70_000, 70_001}
+    assert any("does not fit PNG" in str(x.message) and "a.tif" in str(x.message) for x in caught)
+    assert main(["evaluate", "--pred", str(tmp_path/"pred"), "--gt", str(w/"masks")]) == 0   # evaluate still pairs them
+
+def test_segment_refuses_a_mixed_folder(tmp_path, capsys, quiet_cache):
+    import shutil
+    from ullsam_nb.basics import shared_data_dir
+    src = shared_data_dir("dsb2018")
+    mixed = tmp_path/"dsb"
+    if src is not None: shutil.copytree(src, mixed, ignore=shutil.ignore_patterns("*.md"))
+    else:
+        w = _disc_world(tmp_path/"w"); mixed.mkdir()
+        shutil.copy(w/"images"/"a.png", mixed/"nuclei_img.png"); shutil.copy(w/"masks"/"a.tif", mixed/"nuclei_mask.tif")
+    for extra in ([], ["--gt", str(mixed)]):
+        rc = main(["segment", "--images", str(mixed), "--out", str(tmp_path/"pred"), "--prompts", "auto", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "mixes images and label maps" in err and "mask" in err, err
+    assert not (tmp_path/"pred").exists() or not list((tmp_path/"pred").iterdir())
+
+def test_segment_out_is_an_existing_file(tmp_path, capsys, quiet_cache):
+    w = _disc_world(tmp_path)
+    (tmp_path/"pred").write_text("x")
+    rc = main(["segment", "--images", str(w/"images"), "--out", str(tmp_path/"pred"), "--gt", str(w/"masks")])
+    assert rc == 2 and "pred: --out (the label-map folder) is an existing file" in capsys.readouterr().err

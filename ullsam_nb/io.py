@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_io.ipynb #999042d2
 from __future__ import annotations
-import io as _io, json, inspect, warnings
+import io as _io, re, json, inspect, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Sequence
@@ -13,11 +13,12 @@ from .basics import InputError, atomic_write, atomic_path
 
 # %% auto #0
 __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', 'SAM_PIXEL_MEAN', 'SAM_PIXEL_STD', 'SAM_MODES',
-           'ULLSAM_INSTRUCTION', 'select_channels', 'read_image', 'decode_image', 'encode_image', 'write_image',
-           'as_label_map', 'relabel_sequential', 'read_labels', 'decode_labels', 'encode_labels', 'write_labels',
-           'instance_ids', 'to_rgb', 'normalize_percentile', 'image_to_unit', 'SamInputInfo', 'sam_input_size',
-           'preprocess_for_sam', 'masks_to_original', 'masks_to_input', 'points_to_input', 'boxes_to_input',
-           'mask_path_for', 'read_pair', 'ullsam_record', 'read_jsonl', 'write_jsonl', 'list_images']
+           'ULLSAM_INSTRUCTION', 'MASK_WORDS', 'select_channels', 'read_image', 'decode_image', 'image_size',
+           'encode_image', 'write_image', 'as_label_map', 'relabel_sequential', 'read_labels', 'decode_labels',
+           'encode_labels', 'write_labels', 'instance_ids', 'to_rgb', 'normalize_percentile', 'finite_image',
+           'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam', 'masks_to_original',
+           'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'check_same_size', 'read_pair',
+           'ullsam_record', 'read_jsonl', 'write_jsonl', 'looks_like_mask', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -49,7 +50,11 @@ def _decode_tiff(data:bytes, path) -> np.ndarray:
         arr, axes = series.asarray(), series.axes
     keep = [i for i, n in enumerate(arr.shape) if n != 1 or axes[i] in "YX"]
     arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
-    if arr.ndim == 3 and not axes.endswith("S"): arr = np.moveaxis(arr, 0, -1)   # pages/planes -> channels last
+    if arr.ndim == 3 and not axes.endswith("S"):
+        if axes[0] in "ZT":
+            warnings.warn(f"{path}: 3-D stack ({arr.shape[0]} {'z-planes' if axes[0] == 'Z' else 'time points'}, axes {axes}): "
+                          f"its planes are read as channels (pick planes with channels=...)", stacklevel=4)
+        arr = np.moveaxis(arr, 0, -1)                                          # pages/planes -> channels last
     if arr.ndim > 3: raise InputError(f"{arr.ndim}-D TIFF (axes {axes}) is not a 2-D image; pick one plane first", path)
     return arr
 
@@ -99,12 +104,32 @@ def select_channels(image:np.ndarray, channels, path=None) -> np.ndarray:
     return img[..., idx[0]] if np.isscalar(channels) else img[..., idx]
 
 def read_image(path, channels=None) -> np.ndarray:
-    "Read an image as `(H,W)` or `(H,W,C)` in its original dtype; `channels` selects channel(s). Bad files raise `InputError`."
-    return select_channels(_read_any(path), channels, path)
+    "Read an image as `(H,W)` or `(H,W,C)` in its original dtype; `channels` selects channel(s). Bad files raise `InputError`; NaN/inf pixels are warned about."
+    image = select_channels(_read_any(path), channels, path)
+    if image.dtype.kind == "f":
+        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        if bad == image.size: raise InputError("no finite pixel: every value is NaN or infinite", path)
+        if bad: warnings.warn(f"{path}: {bad} NaN/infinite pixel(s); model input treats NaN and -inf as the darkest value, +inf as the brightest",
+                              stacklevel=2)
+    return image
 
 def decode_image(data:bytes, suffix:str=None, channels=None) -> np.ndarray:
     "`read_image` for bytes in memory (e.g. a Hugging Face `Image` feature); the format comes from `suffix` or the magic bytes."
     return select_channels(_decode(data, suffix), channels)
+
+# %% ../nbs/01_io.ipynb #db32edb1
+def image_size(path) -> tuple:
+    "`(H, W)` of an image file from its header, without decoding the pixels (for checking a whole dataset up front); bad files raise `InputError`."
+    path = _check_file(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                s = tif.series[0]
+                return (int(s.shape[s.axes.index("Y")]), int(s.shape[s.axes.index("X")]))
+        from PIL import Image
+        with Image.open(path) as im: return (int(im.height), int(im.width))
+    except Exception as e: raise InputError(f"unreadable image ({type(e).__name__}: {e})", path) from None
 
 # %% ../nbs/01_io.ipynb #13fa341f
 def _check_array(image, path) -> np.ndarray:
@@ -199,10 +224,14 @@ def encode_labels(labels, suffix:str=".tif") -> bytes:
     elif suf not in TIFF_SUFFIXES: raise InputError(f"unsupported label-map suffix {suf!r} (use .tif or .png)")
     return encode_image(labels, suf)
 
-def write_labels(path, labels) -> Path:
-    "Write a label map losslessly and atomically: `.tif` (any unsigned int up to uint32) or `.png` (ids up to 65535); JPEG is refused."
+def write_labels(path, labels, tif_fallback:bool=False) -> Path:
+    "Write a label map losslessly and atomically: `.tif` (up to uint32) or `.png` (ids up to 65535; with `tif_fallback`, larger ids go to `.tif` with a warning). The path written."
     path = Path(path)
-    try: data = encode_labels(as_label_map(labels, path), path.suffix or ".tif")
+    labels = as_label_map(labels, path)
+    if tif_fallback and path.suffix.lower() in PNG_SUFFIXES and int(labels.max()) >= 2**16:
+        warnings.warn(f"{path}: id {int(labels.max())} does not fit PNG (ids up to 65535): written as {path.with_suffix('.tif').name}", stacklevel=2)
+        path = path.with_suffix(".tif")
+    try: data = encode_labels(labels, path.suffix or ".tif")
     except InputError as e: raise InputError(e.problem, path) from None
     with atomic_write(path) as f: f.write(data)
     return path
@@ -228,6 +257,10 @@ def to_rgb(image, channels=None, projection:str="max") -> np.ndarray:
     if c == 1: return np.repeat(img, 3, axis=-1)
     if c == 3: return img
     if c == 4 and img[..., 3].min() == img[..., 3].max(): return img[..., :3]
+    if projection in ("max", "mean"):
+        what = " (for RGBA, the varying alpha is folded in)" if c == 4 else " (for a 3-D stack, its planes)" if c > 4 else ""
+        warnings.warn(f"{c}-channel image: the model sees the per-pixel {projection} of all {c} channels{what}; "
+                      f"pick channels (channels=...) to choose", stacklevel=2)
     if projection == "max": grey = img.max(axis=-1)
     elif projection == "mean": grey = img.mean(axis=-1).astype(img.dtype if img.dtype.kind == "f" else np.float32)
     else: raise InputError(f"projection must be 'max' or 'mean', not {projection!r}")
@@ -241,9 +274,19 @@ def normalize_percentile(image, low:float=1.0, high:float=99.8) -> np.ndarray:
     if hi <= lo: return np.zeros_like(x, dtype=np.float32)
     return np.clip((x - lo) / (hi - lo), 0, 1).astype(np.float32)
 
+def finite_image(image) -> np.ndarray:
+    "A float image with NaN and -inf replaced by its darkest finite value and +inf by its brightest; other images as they are."
+    img = np.asarray(image)
+    if img.dtype.kind != "f": return img
+    ok = np.isfinite(img)
+    if ok.all(): return img
+    if not ok.any(): raise InputError(f"image {img.shape} has no finite pixel: every value is NaN or infinite")
+    lo, hi = img[ok].min(), img[ok].max()
+    return np.where(ok, img, np.where(np.isposinf(img), hi, lo)).astype(img.dtype, copy=False)
+
 def image_to_unit(image, channels=None, projection:str="max") -> np.ndarray:
-    "The one rule for model input: `to_rgb`, then uint8 / 255, bool -> 0/1, any other dtype percentile-normalised; float32 (H,W,3) in [0,1]."
-    rgb = to_rgb(image, channels, projection)
+    "The one rule for model input: `finite_image`, `to_rgb`, then uint8 / 255, bool -> 0/1, any other dtype percentile-normalised; float32 (H,W,3) in [0,1]."
+    rgb = to_rgb(finite_image(image), channels, projection)
     if rgb.dtype == np.uint8: return rgb.astype(np.float32) / 255
     if rgb.dtype == bool: return rgb.astype(np.float32)
     return normalize_percentile(rgb)
@@ -340,6 +383,11 @@ def mask_path_for(image_path) -> Path:
     parts[idx[-1]] = "masks"
     return Path(*parts)
 
+def check_same_size(image_shape, mask_shape, image_path=None, mask_path=None):
+    "The one size check of an image and its label map (segment, evaluate and train use it): `InputError` unless height and width agree."
+    (h, w), (mh, mw) = tuple(image_shape[:2]), tuple(mask_shape[:2])
+    if (h, w) != (mh, mw): raise InputError(f"mask {mask_path} is {mh}x{mw} but the image is {h}x{w}", image_path)
+
 def _on_error(err:InputError, on_error:str):
     if on_error == "skip":
         warnings.warn(f"skipped: {err}", stacklevel=3); return None
@@ -353,8 +401,7 @@ def read_pair(image_path, mask_path=None, allow_empty:bool=False, on_error:str="
         image = read_image(image_path, channels)
         if not Path(mask_path).exists(): raise InputError(f"image has no mask (looked for {mask_path})", image_path)
         labels = read_labels(mask_path)
-        if labels.shape != image.shape[:2]:
-            raise InputError(f"mask {mask_path} is {labels.shape[0]}x{labels.shape[1]} but the image is {image.shape[0]}x{image.shape[1]}", image_path)
+        check_same_size(image.shape, labels.shape, image_path, mask_path)
         if not allow_empty and not labels.any(): raise InputError("empty mask: no instances (all zero)", mask_path)
         return image, labels
     except InputError as e: return _on_error(e, on_error)
@@ -388,12 +435,23 @@ def write_jsonl(path, records) -> Path:
     return Path(path)
 
 # %% ../nbs/01_io.ipynb #9c6a5598
-def list_images(folder, recursive:bool=False, required:bool=True) -> list:
-    "Image files of `folder` (suffixes in `IMAGE_SUFFIXES`), sorted; its `images/` sub-folder if it holds none; `InputError` if none and `required`."
+MASK_WORDS = ("mask", "masks", "label", "labels", "labelmap", "gt", "groundtruth", "seg", "segmentation", "annotation", "annotations")
+
+def looks_like_mask(path) -> bool:
+    "Does the file name say label map (a word of `MASK_WORDS` in its stem: `a_mask.tif`, `img-labels.png`, `gt_01.tif`)?"
+    return any(w in MASK_WORDS for w in re.split(r"[^a-z0-9]+", Path(path).stem.lower()))
+
+def list_images(folder, recursive:bool=False, required:bool=True, masks:str="keep") -> list:
+    "Image files of `folder` (suffixes in `IMAGE_SUFFIXES`), sorted; its `images/` sub-folder if it holds none; `InputError` if none and `required`. `masks='refuse'`: a folder that also holds label maps (by name) is an `InputError`."
+    if masks not in ("keep", "refuse"): raise ValueError(f"masks must be 'keep' or 'refuse', not {masks!r}")
     folder = Path(folder)
     if not folder.is_dir(): raise InputError("image folder not found", folder)
     walk = folder.rglob("*") if recursive else folder.iterdir()
     files = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files and not recursive and (folder/"images").is_dir(): return list_images(folder/"images", required=required)
+    if not files and not recursive and (folder/"images").is_dir(): return list_images(folder/"images", required=required, masks=masks)
     if not files and required: raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder", folder)
+    mask_like = [p for p in files if looks_like_mask(p)]
+    if masks == "refuse" and mask_like:
+        raise InputError(f"the folder mixes images and label maps ({len(mask_like)} of {len(files)} files are named like masks, "
+                         f"e.g. {mask_like[0].name}): put the images in images/ and the masks in masks/", folder)
     return files

@@ -426,6 +426,7 @@ def _gt_for(image_path:Path, gt:Path) -> Path:
     if p.exists(): return p
     cands = sorted(q for q in gt.glob(image_path.stem + ".*") if q.suffix.lower() in IMAGE_SUFFIXES)
     if not cands: raise InputError(f"no ground-truth mask for image {image_path.name}", gt)
+    if cands[0].resolve() == image_path.resolve(): raise InputError(f"the ground truth of {image_path.name} would be the image itself", gt)
     return cands[0]
 
 def _label_name(image_path:Path) -> str:
@@ -457,19 +458,24 @@ def segment_cmd(images:str, # folder of input images
                 device:str=None, # torch device (default: cuda > mps > cpu)
                ) -> int:
     "Segment a folder of images with SAM (box, point or automatic prompts); one label map per image."
-    files = list_images(images)
+    from ullsam_nb.basics import output_folder
+    from ullsam_nb.io import check_same_size
+    files = list_images(images, masks="refuse")                 # a folder of images *and* masks is refused, not half-segmented
     if prompts in ("box", "point"):
         if gt is None: raise InputError(f"--prompts {prompts} needs --gt (ground-truth masks to derive prompts from)")
         gt = Path(gt)
         if not gt.is_dir(): raise InputError("ground-truth folder not found", gt)
+    out = output_folder(out, "--out (the label-map folder)")
     net = build_sam(model, checkpoint=checkpoint, device=device)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     n_inst = 0
     for f in progress(files, desc=f"segment ({prompts})"):
-        gt_labels = read_labels(_gt_for(f, gt)) if prompts in ("box", "point") else None
-        labels = segment_image(net, read_image(f), prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset,
+        image, gt_labels = read_image(f), None
+        if prompts in ("box", "point"):
+            g = _gt_for(f, gt); gt_labels = read_labels(g)
+            check_same_size(image.shape, gt_labels.shape, f, g)   # the same check evaluate and train make
+        labels = segment_image(net, image, prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset,
                                points_per_side=points_per_side)
-        write_labels(out/_label_name(f), labels)
+        write_labels(out/_label_name(f), labels, tif_fallback=True)   # ids > 65535 for a .png input: .tif, with a warning
         n_inst += len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
     print(f"segmented {len(files)} images ({prompts} prompts, model {model}): {n_inst} instances -> {out}")
     return 0

@@ -24,8 +24,8 @@ __all__ = ['VQA_ANSWER_TYPES', 'MODALITY_OF_DOMAIN', 'MODALITY_CHOICES', 'NO_ANS
            'answer_key', 'ask_items', 'classification_items', 'counting_items', 'segmentation_items', 'vqa_record',
            'load_vqa', 'synth_vqa_questions', 'make_synth_vqa', 'shipped_vqa_path', 'normalize_answer', 'vqa_prompt',
            'score_vqa', 'plot_confusion', 'plot_count_scatter', 'plot_error_by_blur', 'BenchResult', 'markdown_table',
-           'write_bench', 'bench_classification', 'sam_counts', 'bench_counting', 'bench_segmentation', 'vqa_items',
-           'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
+           'write_bench', 'bench_classification', 'load_segmenter', 'segmenter_identity', 'auto_segment', 'sam_counts',
+           'bench_counting', 'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
 
 # %% ../nbs/16_bench_vlm.ipynb #ad160fff
 class PacedVLM(VLMBackend):
@@ -301,20 +301,47 @@ def bench_classification(data, backend, out=None, labels=None, limit:int=None, *
     return BenchResult("classification", table, df, summary, {"confusion": fig})
 
 # %% ../nbs/16_bench_vlm.ipynb #86777b84
+def load_segmenter(sam:str=None, checkpoint=None):
+    "The model a benchmark segments with: registry SAM `sam`, or `checkpoint`: an official SAM / µSAM file (architecture `sam`, default vit_b), a `sam.save_model` file or folder, or a saved uLLSAM model folder."
+    from ullsam_nb.sam import build_sam, load_model
+    if checkpoint is None: return build_sam(sam or "tiny")
+    p = Path(checkpoint)
+    if not p.exists(): raise InputError("SAM checkpoint not found", p)
+    if p.is_dir() and (p/"config.json").exists() and (p/"model.safetensors").exists():
+        from ullsam_nb.model import ULLSAM
+        return ULLSAM.load(p)
+    if p.is_dir() or p.suffix == ".json" or (p.suffix == ".safetensors" and p.with_suffix(".json").exists()): return load_model(p)
+    return build_sam(sam or "vit_b", checkpoint=p)
+
 def _load_sam(sam):
     from ullsam_nb.sam import build_sam
     return build_sam(sam) if isinstance(sam, str) else sam
 
+def segmenter_identity(model) -> str:
+    "Cache identity of a SAM (`model_identity`) or a uLLSAM model (mode, SAM weights, VLK path and VLSA weights)."
+    from ullsam_nb.sam import model_identity
+    if not hasattr(model, "prepare_image"): return model_identity(model)
+    extra = "" if model.vlk is None else f"-{hash_json([model.vlk_cache_key(), {k: v.tolist() for k, v in model.vlsa.state_dict().items()}], 12)}"
+    return f"ullsam_{model.config.mode}-{model_identity(model.sam)}{extra}"
+
+def _segmenter_label(model) -> str:
+    return f"uLLSAM-auto ({model.config.mode})" if hasattr(model, "prepare_image") else f"SAM-auto ({segmenter_identity(model).split('-')[0]})"
+
+def auto_segment(model, image, points_per_side:int=None, preset:str="default") -> np.ndarray:
+    "Automatic-mode label map of a SAM or a uLLSAM model (the latter with its own dense prompt, `ULLSAM.automatic_segmentation`)."
+    if hasattr(model, "automatic_segmentation"): return model.automatic_segmentation(image, preset=preset, points_per_side=points_per_side, cache=True)
+    from ullsam_nb.sam import automatic_segmentation
+    return automatic_segmentation(model, image, points_per_side=points_per_side, preset=preset)
+
 def sam_counts(items:list, sam, out_jsonl=None, points_per_side:int=None, preset:str="default", quiet:bool=None) -> list:
-    "Records `{id, model, text}` with the number of SAM automatic-mask instances per image; resumable like `ask_items`."
-    from ullsam_nb.sam import automatic_segmentation, model_identity
-    sam = _load_sam(sam); ident = model_identity(sam); label = f"SAM-auto ({ident.split('-')[0]})"
+    "Records `{id, model, text}` with the number of automatic-mask instances per image (SAM or uLLSAM); resumable like `ask_items`."
+    sam = _load_sam(sam); ident = segmenter_identity(sam); label = _segmenter_label(sam)
     done = {r["key"]: r for r in read_jsonl_tolerant(out_jsonl)} if out_jsonl else {}
     recs = []
-    for it in progress(items, desc="SAM automatic masks", disable=quiet):
+    for it in progress(items, desc="automatic masks", disable=quiet):
         key = answer_key(it["id"], f"sam-auto:{preset}:{points_per_side}", ident)
         if key in done: recs.append(done[key]); continue
-        n = len(np.unique(automatic_segmentation(sam, read_image(it["image_path"]), points_per_side=points_per_side, preset=preset))) - 1
+        n = len(np.unique(auto_segment(sam, read_image(it["image_path"]), points_per_side=points_per_side, preset=preset))) - 1
         rec = dict(key=key, id=it["id"], image_path=str(it["image_path"]), model=label, identity=ident, prompt=f"sam-auto:{preset}", text=str(n))
         if out_jsonl: append_jsonl(out_jsonl, rec)
         recs.append(rec)
@@ -354,9 +381,8 @@ def bench_counting(data, backend=None, out=None, sam=None, objects:str="cells", 
 def bench_segmentation(data, out=None, sam="tiny", presets=("default", "tuned"), points_per_side:int=None,
                        limit:int=None, quiet:bool=None) -> BenchResult:
     "SAM automatic masks with each preset on `data` (images/ + masks/) -> Dice and mSA per image, scatter and bars."
-    from ullsam_nb.sam import automatic_segmentation, model_identity
     items = segmentation_items(data)[:limit]
-    sam = _load_sam(sam); ident = model_identity(sam)
+    sam = _load_sam(sam); ident = segmenter_identity(sam)
     jl = None if out is None else Path(out)/"answers.jsonl"
     done = {r["key"]: r for r in read_jsonl_tolerant(jl)} if jl else {}
     rows = []
@@ -365,7 +391,7 @@ def bench_segmentation(data, out=None, sam="tiny", presets=("default", "tuned"),
         key = answer_key(it["id"], f"sam-seg:{preset}:{points_per_side}", ident)
         if key not in done:
             gt = read_labels(it["mask_path"])
-            pred = automatic_segmentation(sam, read_image(it["image_path"]), points_per_side=points_per_side, preset=preset)
+            pred = auto_segment(sam, read_image(it["image_path"]), points_per_side=points_per_side, preset=preset)
             done[key] = dict(key=key, id=it["id"], preset=preset, identity=ident, dice=dice_score(gt, pred),
                              mSA=instance_metrics(gt, pred)["mSA"], n_true=int(len(np.unique(gt)) - 1), n_pred=int(len(np.unique(pred)) - 1))
             if jl: append_jsonl(jl, done[key])
@@ -436,6 +462,7 @@ def bench_vlm_cmd(task:str, # classification, counting, segmentation or vqa
                   out:str, # output folder (results.json, table.csv/.md, items.csv, plots, answers.jsonl); rerun to resume
                   model:str=None, # model id or folder (default: the backend's default)
                   sam:str=None, # SAM model for segmentation (default tiny) and for SAM counting beside the VLM
+                  sam_checkpoint:str=None, # weights for --sam: SAM / µSAM checkpoint file, a saved toolkit SAM, or a uLLSAM model folder
                   points_per_side:int=None, # SAM automatic-mask grid (default: the preset's)
                   labels:str=None, # comma-separated class names for classification (default: all classes found)
                   objects:str="cells", # what the counting prompt asks for
@@ -458,6 +485,7 @@ def bench_vlm_cmd(task:str, # classification, counting, segmentation or vqa
         kw = {k: v for k, v, ok in [("base_url", base_url, endpoint), ("api_key_env", api_key_env, endpoint), ("device", device, not endpoint)] if v and ok}
         vlm = get_backend(backend, model, **kw)
     elif task != "segmentation" and task != "counting": raise InputError(f"task {task!r} needs a VLM backend, not 'none'")
+    if sam_checkpoint is not None: sam = load_segmenter(sam, sam_checkpoint)
     ask = dict(min_interval=min_interval, max_new_tokens=max_new_tokens, cache=not no_cache, on_error="skip" if skip_errors else "raise")
     if task == "classification":
         lab = [l.strip() for l in labels.split(",") if l.strip()] if labels else None

@@ -325,3 +325,66 @@ def test_segment_out_is_an_existing_file(tmp_path, capsys, quiet_cache):
     (tmp_path/"pred").write_text("x")
     rc = main(["segment", "--images", str(w/"images"), "--out", str(tmp_path/"pred"), "--gt", str(w/"masks")])
     assert rc == 2 and "pred: --out (the label-map folder) is an existing file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad manifest rows are found before training starts
+def test_bad_manifest_rows_stop_train_before_it_starts(tmp_path, capsys, quiet_cache):
+    w = _disc_world(tmp_path/"ds", image_name="a.tif")
+    rows = [{"image_path": "images/a.tif", "conversation": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "discs"}]},
+            {"image_path": "images/gone.tif"}]
+    (w/"train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path/"run"
+    rc = main(["train", "--out", str(run), "--preset", "tiny", "--data", str(w/"train.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.jsonl: 1 bad row(s) in the manifest: record 2: image" in err and "gone.tif" in err, err
+    assert not (run/"log.csv").exists() and not (run/"checkpoints").exists()
+
+
+# ---------------------------------------------------------------- NaN/inf pixels, 3-D stacks, RGBA: said, and never a NaN embedding
+def test_nan_image_is_warned_and_never_cached_as_nan(tmp_path, quiet_cache):
+    import tifffile
+    from safetensors.torch import load_file
+    (tmp_path/"imgs").mkdir()
+    img = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64); img[:8] = np.nan; img[8, :4] = np.inf
+    tifffile.imwrite(tmp_path/"imgs"/"nan.tif", img)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["precompute", "--images", str(tmp_path/"imgs")]) == 0
+    assert any("nan.tif: 516 NaN/infinite pixel(s)" in str(x.message) for x in caught)
+    files = list((tmp_path/"cache"/"embeddings").rglob("*.safetensors"))
+    assert files and all(np.isfinite(load_file(f)["embedding"].numpy()).all() for f in files)
+
+def test_zstack_and_rgba_are_said(tmp_path, quiet_cache):
+    import tifffile
+    from ullsam_nb.io import write_image
+    (tmp_path/"imgs").mkdir()
+    tifffile.imwrite(tmp_path/"imgs"/"z.tif", np.random.default_rng(0).integers(0, 4000, (6, 48, 48), dtype=np.uint16),
+                     photometric="minisblack", metadata={"axes": "ZYX"})
+    rgba = np.random.default_rng(1).integers(0, 255, (48, 48, 4), dtype=np.uint8)
+    write_image(tmp_path/"imgs"/"rgba.png", rgba)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["precompute", "--images", str(tmp_path/"imgs")]) == 0
+    msgs = " | ".join(str(x.message) for x in caught)
+    assert "z.tif: 3-D stack (6 z-planes" in msgs and "6-channel image: the model sees the per-pixel max" in msgs, msgs
+    assert "4-channel image" in msgs and "alpha is folded in" in msgs, msgs
+
+
+# ---------------------------------------------------------------- outputs respect the umask
+def test_outputs_respect_the_umask(tmp_path, quiet_cache):
+    w = _disc_world(tmp_path/"ds", image_name="a.tif")
+    old = os.umask(0o022)
+    try: assert main(["segment", "--images", str(w/"images"), "--out", str(tmp_path/"pred"), "--gt", str(w/"masks")]) == 0
+    finally: os.umask(old)
+    assert stat.S_IMODE((tmp_path/"pred"/"a.tif").stat().st_mode) == 0o644
+
+
+# ---------------------------------------------------------------- --help: a default once, none on required options
+@pytest.mark.parametrize("command", ["segment", "train", "describe", "download", "bench-vlm", "evaluate", "synth"])
+def test_help_shows_each_default_once(command, capsys):
+    with pytest.raises(SystemExit): main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "SPEC §" not in text
+    import re
+    for opt_help in re.split(r"\s--", text):
+        assert opt_help.count("(default:") <= 1, opt_help

@@ -13,7 +13,7 @@ from .basics import InputError, atomic_write, cache_dir, save_json, load_json, p
 from .synth import parse_bbbc005_name
 from .io import (IMAGE_SUFFIXES, list_images, instance_ids, read_image, read_labels, write_image, write_labels, read_pair, mask_path_for,
                           image_to_unit, preprocess_for_sam, masks_to_input, ullsam_record, read_jsonl, write_jsonl,
-                          decode_image, decode_labels, encode_labels)
+                          decode_image, decode_labels, encode_labels, image_size, check_same_size)
 
 # %% auto #0
 __all__ = ['MANIFEST_NAMES', 'SPLITS', 'LOCK_NAME', 'ARCHIVE_SUFFIXES', 'DATASET_REGISTRY', 'ImagePair', 'manifest_pairs',
@@ -46,17 +46,31 @@ def _caption_of(rec:dict) -> str:
     turns = [t for t in rec.get("conversation", []) if isinstance(t, dict) and t.get("role") == "assistant"]
     return turns[0].get("content", "") if turns else ""
 
-def manifest_pairs(path) -> list:
-    "Pairs from a uLLSAM JSONL manifest (relative `image_path`s are relative to the manifest); masks from `mask_path` or the layout."
+def _row_problems(img:Path, mask:Path, explicit_mask:bool) -> list:
+    "What is wrong with one manifest row's files (headers only): missing or unreadable image, a named mask missing, sizes differing."
+    try: size = image_size(img)
+    except InputError as e: return [f"image {img}: {e.problem}"]
+    if not mask.exists(): return [f"mask {mask} not found"] if explicit_mask else []     # caption-only rows may have no mask
+    try: check_same_size(size, image_size(mask), img, mask)
+    except InputError as e: return [f"{img.name}: {e.problem}"]
+    return []
+
+def manifest_pairs(path, check:bool=True) -> list:
+    "Pairs from a uLLSAM JSONL manifest (relative `image_path`s are relative to the manifest); masks from `mask_path` or the layout. `check`: every row's files are checked first (headers only) and all problems reported at once."
     path = Path(path)
-    pairs = []
+    pairs, problems = [], []
     for i, rec in enumerate(read_jsonl(path), 1):
-        if "image_path" not in rec: raise InputError(f"record {i} has no 'image_path'", path)
+        if not isinstance(rec.get("image_path"), str) or not rec["image_path"].strip():
+            problems.append(f"record {i}: no 'image_path'"); continue
         img = Path(rec["image_path"]); img = img if img.is_absolute() else path.parent/img
         mask = rec.get("mask_path")
         mask = (Path(mask) if Path(mask).is_absolute() else path.parent/mask) if mask else _find_mask(img)
+        if check: problems += [f"record {i}: {p}" for p in _row_problems(img, mask, bool(rec.get("mask_path")))]
         meta = {k: v for k, v in rec.items() if k not in ("image_path", "mask_path", "conversation", "domain", "name")}
         pairs.append(ImagePair(rec.get("name", img.stem), img, mask, rec.get("domain"), _caption_of(rec), meta))
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InputError(f"{len(problems)} bad row(s) in the manifest: " + "; ".join(problems[:5]) + more, path)
     return pairs
 
 def folder_pairs(root, domain:str=None) -> list:
@@ -65,7 +79,7 @@ def folder_pairs(root, domain:str=None) -> list:
     if not (root/"images").is_dir(): raise InputError("no 'images/' folder: not a dataset in the uLLSAM layout", root)
     known = {}
     for m in MANIFEST_NAMES:
-        if (root/m).exists(): known = {p.image_path.resolve(): p for p in manifest_pairs(root/m)}; break
+        if (root/m).exists(): known = {p.image_path.resolve(): p for p in manifest_pairs(root/m, check=False)}; break
     pairs = []
     for img in list_images(root/"images", recursive=True, required=False):
         rel = img.relative_to(root/"images")

@@ -50,20 +50,20 @@ class PromptTemplate:
 # %% ../nbs/10_vlm.ipynb #bf870f91
 PROMPT_TEMPLATES: dict = {
     "describe": PromptTemplate("Describe the image in detail", "text",
-                               source="uLLSAM (SPEC §1): the caption instruction, verbatim"),
+                               source="uLLSAM paper: its caption instruction, verbatim"),
     "classify": PromptTemplate("This is a microscopy image. Which one of the following categories does it belong to: {labels}? "
                                "Answer with the name of exactly one category.", "label",
-                               source="Beyond Human Vision (SPEC §2) classification; wording is this project's"),
+                               source="Beyond Human Vision benchmark, classification; wording is this project's"),
     "count": PromptTemplate("How many {objects} are in this microscopy image? Answer with a single integer.", "count",
                             defaults={"objects": "cells"},
-                            source="Beyond Human Vision (SPEC §2) counting; wording is this project's"),
+                            source="Beyond Human Vision benchmark, counting; wording is this project's"),
     "vqa": PromptTemplate("Look at this microscopy image and answer the question. {question}", "text",
-                          source="Beyond Human Vision (SPEC §2) visual question answering; wording is this project's"),
+                          source="Beyond Human Vision benchmark, visual question answering; wording is this project's"),
     "yes_no": PromptTemplate("Look at this microscopy image. {question} Answer yes or no.", "yes_no",
                              source="closed-form VQA; this project's"),
     "zeus": PromptTemplate("Imaging modality: {modality}. Please analyze the given image and give as much important "
                            "information for segmenting {instance} as you can.", "text",
-                           source="Zeus (SPEC §3): per-modality instruction with <modality> and <instance> slots"),
+                           source="Zeus paper: its per-modality instruction with <modality> and <instance> slots"),
 }
 
 # %% ../nbs/10_vlm.ipynb #49678b6a

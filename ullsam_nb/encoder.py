@@ -4,8 +4,9 @@
 
 # %% ../nbs/07_encoder.ipynb #47267297
 from __future__ import annotations
-import copy, math, warnings
+import copy, math, os, platform, statistics, time, warnings
 from functools import partial
+from pathlib import Path
 from typing import Optional, Tuple, Type
 import torch
 import torch.nn as nn
@@ -13,12 +14,14 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.image_encoder import PatchEmbed
+from .basics import CACHE_ENV, InputError, ToolError, cache_dir, load_json, save_json
 
 # %% auto #0
-__all__ = ['ENCODER_CONFIGS', 'ATTENTION_METHODS', 'encoder_config', 'randomize_encoder_', 'random_image_encoder',
-           'rel_pos_table', 'decomposed_rel_pos', 'rel_pos_attention', 'window_positions', 'window_partition_tokens',
-           'window_unpartition_tokens', 'FastAttention', 'FastBlock', 'sam_encoder_kwargs', 'FastImageEncoder',
-           'fast_image_encoder', 'use_fast_encoder']
+__all__ = ['ENCODER_CONFIGS', 'ATTENTION_METHODS', 'AUTO_ATTENTION', 'ATTENTION_CHOICES', 'encoder_config', 'randomize_encoder_',
+           'random_image_encoder', 'rel_pos_table', 'decomposed_rel_pos', 'rel_pos_attention', 'window_positions',
+           'window_partition_tokens', 'window_unpartition_tokens', 'FastAttention', 'FastBlock', 'resolve_attention',
+           'sam_encoder_kwargs', 'FastImageEncoder', 'device_name', 'attention_cache_file', 'measure_attention',
+           'fast_image_encoder', 'use_fast_encoder', 'attention_flops', 'flop_formulas', 'count_flops']
 
 # %% ../nbs/07_encoder.ipynb #8004d744
 ENCODER_CONFIGS = {
@@ -203,12 +206,21 @@ class FastBlock(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x))
 
-# %% ../nbs/07_encoder.ipynb #42cad71a
-def _resolve_attention(method:str, device:torch.device) -> str:
-    "The attention path `auto` stands for on `device`."
-    if method != "auto": return method
-    return "flex" if device.type == "cuda" else "mask"
+# %% ../nbs/07_encoder.ipynb #d4935657
+AUTO_ATTENTION = {                  # (device type, kind of call) -> path; measured with bench/sam_encoder.py
+    ("cuda", "infer"): "augment", ("cuda", "train"): "augment",
+    ("cpu", "infer"): "mask", ("cpu", "train"): "mask",
+}
+ATTENTION_CHOICES = ("auto", "measure") + ATTENTION_METHODS
 
+def resolve_attention(method:str, device, training:bool=False) -> str:
+    "The attention path `method` stands for on `device`, in a forward-only call or (`training`) one that builds a graph."
+    if method not in ("auto",) + ATTENTION_METHODS:
+        raise ValueError(f"unknown attention method {method!r}; use 'auto' or one of {ATTENTION_METHODS}")
+    if method != "auto": return method                     # an explicit path is taken as given
+    return AUTO_ATTENTION.get((torch.device(device).type, "train" if training else "infer"), "mask")
+
+# %% ../nbs/07_encoder.ipynb #42cad71a
 def sam_encoder_kwargs(encoder:ImageEncoderViT) -> dict:
     "The `ImageEncoderViT` constructor arguments that rebuild `encoder`'s architecture."
     b0 = encoder.blocks[0]
@@ -236,8 +248,8 @@ class FastImageEncoder(nn.Module):
                  use_rel_pos:bool=False, rel_pos_zero_init:bool=True, window_size:int=0,
                  global_attn_indexes:Tuple[int, ...]=(), attention:str="auto"):
         super().__init__()
-        if attention != "auto" and attention not in ATTENTION_METHODS:
-            raise ValueError(f"unknown attention method {attention!r}; use 'auto' or one of {ATTENTION_METHODS}")
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown attention method {attention!r}; use one of {ATTENTION_CHOICES}")
         self.img_size, self.attention = img_size, attention
         grid = (img_size // patch_size, img_size // patch_size)
         self.patch_embed = PatchEmbed((patch_size, patch_size), (patch_size, patch_size), in_chans=in_chans,
@@ -269,13 +281,80 @@ class FastImageEncoder(nn.Module):
         y = F.layer_norm(y.permute(0, 2, 3, 1), ln2.weight.shape, ln2.weight, ln2.bias, ln2.eps)
         return y.permute(0, 3, 1, 2).contiguous()
 
-    def forward(self, x:torch.Tensor) -> torch.Tensor:
-        "Images `(B,3,S,S)` (SAM-normalised) -> image embeddings `(B,out_chans,S/16,S/16)`."
+    def forward(self, x:torch.Tensor, attention:Optional[str]=None) -> torch.Tensor:
+        "Images `(B,3,S,S)` (SAM-normalised) -> image embeddings `(B,out_chans,S/16,S/16)`; `attention` overrides the path."
+        method = attention or self.attention
+        if method in ("auto", "measure"):
+            training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            if method == "measure" and not torch.compiler.is_compiling(): method = measure_attention(self, x, training)
+            else: method = resolve_attention("auto", x.device, training)
         x = self.patch_embed(x)
         if self.pos_embed is not None: x = x + self.pos_embed
-        method = _resolve_attention(self.attention, x.device)
         for blk in self.blocks: x = blk(x, method)
         return self.neck_forward(x)
+
+# %% ../nbs/07_encoder.ipynb #308ab19b
+_MEASURED = {}     # (device name, key) -> path: this process's memory of the cache file
+
+def device_name(device) -> str:
+    "The name a measured choice is remembered under: the GPU model on CUDA, else the processor and thread count."
+    dev = torch.device(device)
+    if dev.type == "cuda": return torch.cuda.get_device_name(dev)
+    return f"{dev.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+def attention_cache_file() -> Path:
+    "The JSON file where measured attention choices live: `cache_dir('encoder')/attention.json`."
+    return cache_dir("encoder")/"attention.json"
+
+def _measure_key(encoder, x, training) -> str:
+    b0 = encoder.blocks[0]
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return (f"dim{b0.attn.qkv.in_features}-depth{len(encoder.blocks)}-heads{b0.attn.num_heads}-"
+            f"window{max(b.window_size for b in encoder.blocks)}|input{'x'.join(map(str, x.shape))}|"
+            f"{str(dt).replace('torch.', '')}|{'train' if training else 'infer'}")
+
+def _time_path(encoder, x, method, training, iters) -> float:
+    "Median seconds of a forward (and, if `training`, a backward by `autograd.grad`) of `encoder` on `x` with `method`."
+    wrt = [p for p in encoder.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
+    def run():
+        out = encoder(x, attention=method)
+        if training: torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+    run(); sync()                                            # warm-up (flex compiles its kernel here)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter(); run(); sync(); times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+def _read_choices(path) -> dict:
+    try: return load_json(path) if Path(path).exists() else {}
+    except InputError: return {}                             # a broken file is replaced
+
+def measure_attention(encoder:nn.Module, x:torch.Tensor, training:bool=False, candidates=None, iters:int=3,
+                      force:bool=False) -> str:
+    "The fastest attention path of `encoder` for inputs like `x` on this kind of device: timed once, then remembered."
+    name, key = device_name(x.device), _measure_key(encoder, x, training)
+    if not force and (name, key) in _MEASURED: return _MEASURED[(name, key)]
+    path = attention_cache_file()
+    known = _read_choices(path).get(name, {}).get(key)
+    if known and not force:
+        _MEASURED[(name, key)] = known["attention"]
+        return known["attention"]
+    if candidates is None: candidates = ("mask", "augment", "math") + (("flex",) if x.device.type == "cuda" else ())
+    seconds, errors = {}, {}
+    for m in candidates:
+        try: seconds[m] = _time_path(encoder, x, m, training, iters)
+        except Exception as e:                               # out of memory, no kernel: that path is out
+            errors[m] = f"{type(e).__name__}: {str(e)[:200]}"
+            if x.device.type == "cuda": torch.cuda.empty_cache()
+    if not seconds: raise RuntimeError(f"no attention path ran on {name}: {errors}")
+    choice = min(seconds, key=seconds.get)
+    table = _read_choices(path)                              # re-read: another process may have written meanwhile
+    table.setdefault(name, {})[key] = dict(attention=choice, seconds=seconds, errors=errors, torch=torch.__version__)
+    try: save_json(table, path)
+    except (OSError, ToolError) as e: warnings.warn(f"{path}: could not remember the attention choice ({e})")
+    _MEASURED[(name, key)] = choice
+    return choice
 
 # %% ../nbs/07_encoder.ipynb #0dba1572
 def fast_image_encoder(image_encoder:ImageEncoderViT, compile:bool=False, attention:str="auto", share:bool=True,
@@ -289,3 +368,43 @@ def use_fast_encoder(sam:nn.Module, compile:bool=False, attention:str="auto", **
     if not isinstance(sam.image_encoder, FastImageEncoder) and not hasattr(sam.image_encoder, "_orig_mod"):
         sam.image_encoder = fast_image_encoder(sam.image_encoder, compile=compile, attention=attention, **compile_kwargs)
     return sam
+
+# %% ../nbs/07_encoder.ipynb #5a415045
+def attention_flops(q_shape, k_shape, v_shape, backward:bool=False) -> int:
+    "Matmul FLOPs of softmax attention on `q (B,Hq,Sq,D)`, `k (B,Hkv,Sk,D)`, `v (B,Hkv,Sk,Dv)` (`Hq` a multiple of `Hkv`)."
+    b, hq, sq, d = q_shape
+    hkv, sk, dv = k_shape[1], k_shape[2], v_shape[3]
+    if hq % hkv: raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads")
+    per = 2 * b * hq * sq * sk
+    return per * (3*d + 2*dv) if backward else per * (d + dv)   # backward: scores recomputed, then dV, dP, dQ, dK
+
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(query_shape, key_shape, value_shape)
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return attention_flops(query_shape, key_shape, value_shape, backward=True)
+
+_SDPA_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_fused_attention_overrideable")
+
+def flop_formulas() -> dict:
+    "`FlopCounterMode(custom_mapping=...)` formulas for every SDPA kernel this torch has, forward and backward."
+    out = {}
+    for name in _SDPA_OPS:
+        for op, f in ((name, _sdpa_forward_flops), (name + "_backward", _sdpa_backward_flops)):
+            if hasattr(torch.ops.aten, op): out[getattr(torch.ops.aten, op)] = f
+    return out
+
+def count_flops(fn, *args, modules=(), **kwargs) -> int:
+    "Total FLOPs of `fn(*args, **kwargs)` (a step: forward, backward, ...); fast encoders in `modules` count as the reference."
+    from torch.utils.flop_counter import FlopCounterMode
+    mods = [modules] if isinstance(modules, nn.Module) else list(modules)
+    encs = [m for mod in mods for m in mod.modules() if isinstance(m, FastImageEncoder)]
+    saved = [e.attention for e in encs]
+    try:
+        for e in encs: e.attention = "mask"
+        with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter: fn(*args, **kwargs)
+    finally:
+        for e, a in zip(encs, saved): e.attention = a
+    return counter.get_total_flops()

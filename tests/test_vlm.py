@@ -307,8 +307,7 @@ def test_describe_folder_cut_line_and_skip_errors(tmp_path):
     with pytest.warns(UserWarning):
         s = describe_folder(imgs, CallableVLM(fn, "f"), "describe", out, on_error="skip")
     assert s["n_skipped"] == 1 and s["failed"] == [str(imgs/"im02.png")] and s["n_new"] == 1
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        recs = read_jsonl_tolerant(out)
+    recs = [json.loads(l) for l in out.read_text().splitlines()]      # the torn line was cut off on resume: every line whole
     assert [Path(r["image_path"]).name for r in recs] == ["im00.png", "im01.png"]
     assert recs[1]["conversation"] == [{"role": "user", "content": "Describe the image in detail\n<image>"},
                                        {"role": "assistant", "content": "Round nuclei."}]

@@ -103,6 +103,36 @@ def test_zeus_cmd_writes_results(tmp_path, capsys):
     assert zeus_cmd(quick=True, steps=2, out=str(tmp_path)) == 0
     res = json.loads((tmp_path/"results.json").read_text())
     assert len(res["table"]) == 6 and {r["fusion"] for r in res["table"]} == set(FUSIONS)
-    assert set(json.loads((tmp_path/"instructions.json").read_text())) == set(PHANTOM_MODALITIES)
+    per_case = json.loads((tmp_path/"instructions.json").read_text())           # one instruction per case and modality
+    assert len(per_case) == 36 and all(set(d) == set(PHANTOM_MODALITIES) for d in per_case.values())
+    assert len({d["T2-like"] for d in per_case.values()}) > 3 and res["instructions"] == "per_case"
     assert (tmp_path/"predictions.png").stat().st_size > 0 and "| fusion |" in capsys.readouterr().out
     with pytest.raises(InputError, match="unknown Zeus preset"): zeus_cmd(preset="brats")
+
+
+def test_case_instructions_come_from_each_case(cases):
+    "Per case: the instruction about a case's T2 slice says where its lesion is; the dataset-level way says the same for all."
+    from scipy import ndimage as ndi
+    from ullsam_nb.zeus import case_instructions, _VERTICAL, _HORIZONTAL, _bin
+    per = case_instructions(handbook_backend(per_case=True), cases, cache=False)
+    assert len(per) == len(cases) and len({d["T2-like"] for d in per}) > 3
+    hits = sum(f"lies {_VERTICAL[_bin(cy / 64 - 0.5)]} and {_HORIZONTAL[_bin(cx / 64 - 0.5)]} the image centre" in d["T2-like"]
+               for c, d in zip(cases, per) for cy, cx in [ndi.center_of_mass(c.target)])
+    assert hits >= 8, hits
+    flat = modality_instructions(handbook_backend(), cases, cache=False)
+    assert "lies" not in flat["T2-like"].split("outline.")[-1]
+
+
+def test_zeus_cmd_per_modality_and_a_chosen_text_encoder(tmp_path):
+    "--instructions per_modality restores the dataset-level instructions; --text-encoder loads any Hugging Face encoder folder."
+    from transformers import BertConfig, BertModel
+    enc = tiny_text_encoder(hidden_size=16)
+    folder = tmp_path / "my_bert"
+    BertModel(BertConfig(vocab_size=len(enc.tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32), add_pooling_layer=False).save_pretrained(folder)
+    enc.tokenizer.save_pretrained(folder)
+    assert zeus_cmd(quick=True, steps=1, out=str(tmp_path / "o"), instructions="per_modality", text_encoder=str(folder)) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["text_encoder"] == str(folder) and res["instructions"] == "per_modality"
+    assert set(json.loads((tmp_path / "o" / "instructions.json").read_text())) == set(PHANTOM_MODALITIES)
+    with pytest.raises(InputError, match="per_case or per_modality"): zeus_cmd(quick=True, instructions="sometimes")

@@ -21,10 +21,11 @@ from .vlm import VLMBackend, CallableVLM, get_backend, render_prompt
 # %% auto #0
 __all__ = ['PHANTOM_MODALITIES', 'TISSUES', 'PHANTOM_CONTRAST', 'MODALITY_NAMES', 'ZEUS_INSTANCE', 'HANDBOOK', 'ZEUS_SAM',
            'FUSIONS', 'ZEUS_PRESETS', 'ZeusCase', 'load_nifti_case', 'phantom_anatomy', 'render_modality',
-           'zeus_phantom', 'phantom_cases', 'target_contrast', 'handbook_instruction', 'handbook_backend',
-           'modality_instructions', 'InstructionEncoder', 'tiny_text_encoder', 'load_text_encoder', 'zeus_sam',
-           'ZeusModel', 'count_parameters', 'ZeusDataset', 'zeus_loss', 'evaluate_zeus', 'ZeusTask', 'cpu_threads',
-           'train_zeus', 'zeus_compare', 'plot_zeus_predictions', 'zeus_cmd']
+           'zeus_phantom', 'phantom_cases', 'target_contrast', 'describe_bright_region', 'handbook_instruction',
+           'handbook_backend', 'modality_instructions', 'case_instructions', 'embed_instructions', 'InstructionEncoder',
+           'tiny_text_encoder', 'load_text_encoder', 'zeus_sam', 'ZeusModel', 'count_parameters', 'ZeusDataset',
+           'zeus_loss', 'evaluate_zeus', 'ZeusTask', 'cpu_threads', 'train_zeus', 'zeus_compare',
+           'plot_zeus_predictions', 'zeus_cmd']
 
 # %% ../nbs/17_zeus.ipynb #623a7feb
 @dataclass
@@ -134,26 +135,65 @@ HANDBOOK = {
           "window and segment the rounded region inside the organ, not the bones.",
 }
 
-def handbook_instruction(prompt:str) -> str:
-    "The handbook's instruction for the modality and instance named in a rendered Zeus prompt."
+_VERTICAL = ("well above", "slightly above", "level with", "slightly below", "well below")
+_HORIZONTAL = ("well left of", "slightly left of", "at", "slightly right of", "well right of")
+_SIZES = ("small", "medium-sized", "large")
+
+def _bin(x:float, edges=(-0.09, -0.03, 0.03, 0.09)) -> int: return int(np.searchsorted(edges, x))
+
+def describe_bright_region(image:np.ndarray) -> str:
+    "What one looking at this slice sees: where the brightest compact region inside the body lies relative to the image centre, and its size."
+    a = np.asarray(image)
+    a = a.astype(np.float32) / 255 if a.dtype == np.uint8 else a.astype(np.float32)   # backends hand over 8-bit (PIL) images
+    img = ndi.gaussian_filter(a.mean(-1) if a.ndim == 3 else a, 1.0)
+    body = ndi.binary_erosion(img > 0.1, iterations=max(2, img.shape[0] // 16))     # drop the rim (fat, skin)
+    if body.sum() < 10: return "No structure stands out in this slice."
+    vals = img[body]
+    comp, n = ndi.label(body & (img >= (np.median(vals) + vals.max()) / 2))
+    if n == 0: return "No structure stands out in this slice."
+    sizes = np.bincount(comp.ravel())[1:]
+    k = int(np.argmax(sizes)) + 1
+    cy, cx = ndi.center_of_mass(comp == k)
+    H, W = img.shape
+    v, h = _VERTICAL[_bin(cy / H - 0.5)], _HORIZONTAL[_bin(cx / W - 0.5)]
+    size = _SIZES[int(np.searchsorted((0.05, 0.08), sizes[k - 1] / body.sum()))]
+    return f"In this slice the brightest region inside the body is {size}; it lies {v} and {h} the image centre."
+
+def handbook_instruction(prompt:str, image=None) -> str:
+    "The handbook's instruction for the modality and instance named in a rendered Zeus prompt; with `image`, plus what this slice shows."
     m = re.search(r"Imaging modality: (.*?)\. Please", prompt); i = re.search(r"for segmenting (.*?) as you can", prompt)
     modality, inst = (m[1] if m else "unknown"), (i[1] if i else "the target")
     text = HANDBOOK.get(modality, "In this {m} image, find {i}: a rounded region whose intensity differs from the organ around it.")
-    return text.format(I=inst[:1].upper() + inst[1:], i=inst, m=modality)
+    text = text.format(I=inst[:1].upper() + inst[1:], i=inst, m=modality)
+    return text if image is None else text + " " + describe_bright_region(image)
 
-def handbook_backend() -> CallableVLM:
-    "The offline stand-in for Zeus's frozen LLM: radiologist-style instructions per modality (`HANDBOOK`), as a VLM backend."
+def handbook_backend(per_case:bool=False) -> CallableVLM:
+    "The offline stand-in for Zeus's frozen LLM: radiologist-style instructions per modality (`HANDBOOK`); `per_case` adds what each slice shows."
+    if per_case: return CallableVLM(lambda image, prompt, n: handbook_instruction(prompt, image), name="zeus-handbook-case-v1")
     return CallableVLM(lambda image, prompt, n: handbook_instruction(prompt), name="zeus-handbook-v1")
+
+def _ask_zeus(backend, image, modality, instance, max_new_tokens, cache) -> str:
+    return backend.run(image, "zeus", max_new_tokens=max_new_tokens, cache=cache, modality=modality, instance=instance).text
 
 def modality_instructions(backend:VLMBackend, cases:list, instance:str=ZEUS_INSTANCE, modality_names:dict=None,
                           max_new_tokens:int=128, cache:bool=True) -> dict:
-    "One instruction per modality `{modality: text}`: the Zeus template about the first case's slice of that modality, cached."
+    "One instruction per modality for a whole dataset `{modality: text}`: the Zeus template about the first case's slice (the old, dataset-level way)."
     names = {**MODALITY_NAMES, **(modality_names or {})}
-    case, out = cases[0], {}
-    for k, m in enumerate(case.modalities):
-        out[m] = backend.run(case.images[k], "zeus", max_new_tokens=max_new_tokens, cache=cache,
-                             modality=names.get(m, m), instance=instance).text
-    return out
+    case = cases[0]
+    return {m: _ask_zeus(backend, case.images[k], names.get(m, m), instance, max_new_tokens, cache) for k, m in enumerate(case.modalities)}
+
+def case_instructions(backend:VLMBackend, cases:list, instance:str=ZEUS_INSTANCE, modality_names:dict=None,
+                      max_new_tokens:int=128, cache:bool=True, quiet:bool=True) -> list:
+    "One instruction per case and modality, `[{modality: text}, ...]`: the Zeus template about that case's own slice of that modality (cached)."
+    from ullsam_nb.basics import progress
+    names = {**MODALITY_NAMES, **(modality_names or {})}
+    return [{m: _ask_zeus(backend, c.images[k], names.get(m, m), instance, max_new_tokens, cache) for k, m in enumerate(c.modalities)}
+            for c in progress(cases, desc="instructions", disable=quiet)]
+
+def embed_instructions(encoder, instructions, modalities) -> torch.Tensor:
+    "Instruction embeddings: (M, D) from one `{modality: text}` dict, or (N, M, D) from a list of them (one per case)."
+    if isinstance(instructions, dict): return encoder.embed([instructions[m] for m in modalities])
+    return torch.stack([encoder.embed([d[m] for m in modalities]) for d in instructions])
 
 # %% ../nbs/17_zeus.ipynb #4bd57101
 class InstructionEncoder:
@@ -183,7 +223,9 @@ class InstructionEncoder:
 
 def _encoder_corpus() -> list:
     base = [render_prompt("zeus", modality=m, instance=ZEUS_INSTANCE) for m in MODALITY_NAMES.values()]
-    return base + [handbook_instruction(b) for b in base] + [handbook_instruction(render_prompt("zeus", modality="X", instance=ZEUS_INSTANCE))]
+    seen = [f"In this slice the brightest region inside the body is {s}; it lies {v} and {h} the image centre."
+            for s in _SIZES for v in _VERTICAL for h in _HORIZONTAL] + ["No structure stands out in this slice."]
+    return base + [handbook_instruction(b) for b in base] + [handbook_instruction(render_prompt("zeus", modality="X", instance=ZEUS_INSTANCE))] + seen
 
 def tiny_text_encoder(seed:int=0, hidden_size:int=32, corpus:list=None) -> InstructionEncoder:
     "An offline `BertModel` (tiny config, random weights from `seed`) with a word-level tokenizer trained by `tokenizers`."
@@ -278,13 +320,19 @@ def count_parameters(model:nn.Module, trainable:bool=True) -> int:
 
 # %% ../nbs/17_zeus.ipynb #2c3a124f
 class ZeusDataset(torch.utils.data.Dataset):
-    "Cases as training items `{images (M,H,W), target (1,H,W), text (M,D)}`; `text` is one embedding per modality (shared by all cases)."
+    "Cases as training items `{images (M,H,W), target (1,H,W), text (M,D)}`; `text` is (M,D) shared by all cases or (N,M,D), one per case."
     def __init__(self, cases:list, text:torch.Tensor):
         self.cases, self.text = cases, text.float()
+        if self.text.ndim == 3 and len(self.text) != len(cases): raise InputError(f"{len(self.text)} per-case instructions for {len(cases)} cases")
     def __len__(self): return len(self.cases)
     def __getitem__(self, i):
         c = self.cases[i]
-        return dict(images=torch.from_numpy(c.images), target=torch.from_numpy(c.target[None].astype(np.float32)), text=self.text)
+        t = self.text[i] if self.text.ndim == 3 else self.text
+        return dict(images=torch.from_numpy(c.images), target=torch.from_numpy(c.target[None].astype(np.float32)), text=t)
+
+def _text_for(text:torch.Tensor, start:int, n:int) -> torch.Tensor:
+    "Instruction embeddings (n, M, D) of cases start..start+n: a slice of per-case (N,M,D) text, or shared (M,D) text repeated."
+    return text[start:start+n].float() if text.ndim == 3 else text.float().expand(n, -1, -1)
 
 def zeus_loss(logits:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
     "Binary cross-entropy + soft Dice loss of target logits (B,1,H,W)."
@@ -301,7 +349,7 @@ def evaluate_zeus(model:ZeusModel, cases:list, text:torch.Tensor, batch_size:int
     for s in range(0, len(cases), batch_size):
         chunk = cases[s:s+batch_size]
         x = torch.from_numpy(np.stack([c.images for c in chunk])).to(dev)
-        t = text.float().to(dev).expand(len(chunk), -1, -1) if model.use_instructions else None
+        t = _text_for(text, s, len(chunk)).to(dev) if model.use_instructions else None
         preds.append((model(x, t) > 0).squeeze(1).cpu().numpy())
     model.train(was)
     pred, gt = np.concatenate(preds), np.stack([c.target for c in cases])
@@ -310,8 +358,9 @@ def evaluate_zeus(model:ZeusModel, cases:list, text:torch.Tensor, batch_size:int
 
 class ZeusTask:
     "The Zeus task for `ullsam_nb.train.Trainer`: BCE + Dice training steps, DSC/mIoU validation."
-    def __init__(self, model:ZeusModel, train_cases:list, val_cases:list, text:torch.Tensor):
+    def __init__(self, model:ZeusModel, train_cases:list, val_cases:list, text:torch.Tensor, val_text:torch.Tensor=None):
         self.model, self.val_cases, self.text, self.device = model, val_cases, text.float(), torch.device("cpu")
+        self.val_text = self.text if val_text is None else val_text.float()     # per-case text: the validation cases' own
         self.train_dataset = ZeusDataset(train_cases, self.text)
 
     def training_step(self, batch:dict) -> dict:
@@ -323,7 +372,7 @@ class ZeusTask:
 
     def validate(self) -> dict:
         "DSC and mIoU on the validation cases."
-        r = evaluate_zeus(self.model, self.val_cases, self.text)
+        r = evaluate_zeus(self.model, self.val_cases, self.val_text)
         return dict(DSC=r["DSC"], mIoU=r["mIoU"])
 
 # %% ../nbs/17_zeus.ipynb #ec92691b
@@ -339,11 +388,12 @@ def cpu_threads(n:int|None=1):
 
 def train_zeus(fusion:str, use_instructions:bool, train_cases:list, test_cases:list, text:torch.Tensor, steps:int=60,
                batch_size:int=4, lr:float=2e-3, seed:int=0, out=None, device=None, quiet:bool=True, threads:int|None=1) -> dict:
-    "Train one Zeus variant with the shared loop for `steps` optimizer steps (`threads` CPU threads); its test `DSC`, `mIoU`, parameters and time."
+    "Train one Zeus variant for `steps` optimizer steps (`threads` CPU threads); `text` is shared (M,D) or a (train, test) pair of per-case (N,M,D); test `DSC`, `mIoU`, parameters, time."
     from ullsam_nb.train import Trainer, make_config
     seed_everything(seed)
-    model = ZeusModel(len(train_cases[0].modalities), fusion, text.shape[-1], use_instructions, seed=seed)
-    task = ZeusTask(model, train_cases, test_cases, text)
+    tr_text, te_text = text if isinstance(text, (tuple, list)) else (text, text)
+    model = ZeusModel(len(train_cases[0].modalities), fusion, tr_text.shape[-1], use_instructions, seed=seed)
+    task = ZeusTask(model, train_cases, test_cases, tr_text, te_text)
     per_epoch = math.ceil(len(train_cases) / batch_size)
     cfg = make_config(epochs=math.ceil(steps / per_epoch), max_steps=steps, schedule_steps=steps, batch_size=batch_size, lr=lr,
                       warmup=0.05, weight_decay=0.01, clip=1.0, seed=seed, validate=False, keep_epoch_checkpoints=False,
@@ -351,7 +401,7 @@ def train_zeus(fusion:str, use_instructions:bool, train_cases:list, test_cases:l
     t0 = time.perf_counter()
     with cpu_threads(threads if str(device or "cpu").startswith("cpu") else None):
         fit = Trainer(task, cfg, out=out, quiet=quiet).fit()
-        r = evaluate_zeus(model, test_cases, text)
+        r = evaluate_zeus(model, test_cases, te_text)
     return dict(fusion=fusion, instructions=use_instructions, DSC=r["DSC"], mIoU=r["mIoU"], params=count_parameters(model),
                 steps=fit["step"], seconds=time.perf_counter() - t0, final_loss=fit["history"][-1]["loss"] if fit["history"] else float("nan"),
                 model=model)
@@ -383,7 +433,7 @@ def plot_zeus_predictions(cases:list, models:dict, text:torch.Tensor, n:int=3):
         x = torch.from_numpy(c.images[None])
         axes[i, 0].imshow(c.images[k2], cmap="gray"); axes[i, 0].contour(c.target, [0.5], colors="lime", linewidths=0.8)
         for j, ((f, use), m) in enumerate(models.items(), 1):
-            with torch.no_grad(): p = (m.eval()(x.to(next(m.parameters()).device), text[None].float().to(next(m.parameters()).device) if use else None) > 0)[0, 0].cpu().numpy()
+            with torch.no_grad(): p = (m.eval()(x.to(next(m.parameters()).device), _text_for(text, i, 1).to(next(m.parameters()).device) if use else None) > 0)[0, 0].cpu().numpy()
             axes[i, j].imshow(c.images[k2], cmap="gray"); axes[i, j].contour(p, [0.5], colors="red", linewidths=0.8)
             if i == 0: axes[i, j].set_title(f"{f}{' +instr' if use else ''}", fontsize=8)
     axes[0, 0].set_title("target", fontsize=8)
@@ -398,6 +448,8 @@ def zeus_cmd(preset:str="phantom", # data preset: phantom (the synthetic multimo
              model:str=None, # model id or folder for --backend
              steps:int=None, # optimizer steps per variant (default: the preset's)
              seed:int=0, # seed of the cases and the training
+             instructions:str="per_case", # per_case (each case's own slices) or per_modality (one per modality, from the first case)
+             text_encoder:str=None, # Hugging Face text encoder (hub id or folder) for the instructions (default: the offline tiny BERT)
              device:str=None, # torch device (default cpu)
             ) -> int:
     "Zeus on the phantom world: LLM instructions per modality, early/hybrid/late fusion, with vs without instructions."
@@ -406,22 +458,31 @@ def zeus_cmd(preset:str="phantom", # data preset: phantom (the synthetic multimo
     if steps: p["steps"] = int(steps)
     cases = phantom_cases(p["n_train"] + p["n_test"], seed=seed, size=p["size"])
     train, test = cases[:p["n_train"]], cases[p["n_train"]:]
-    llm = handbook_backend() if backend in (None, "", "handbook") else get_backend(backend, model)
-    instructions = modality_instructions(llm, train)
-    text = tiny_text_encoder(seed).embed([instructions[m] for m in train[0].modalities])
-    table, models = zeus_compare(train, test, text, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
+    if instructions not in ("per_case", "per_modality"): raise InputError(f"instructions must be per_case or per_modality, not {instructions!r}")
+    per_case = instructions == "per_case"
+    llm = handbook_backend(per_case=per_case) if backend in (None, "", "handbook") else get_backend(backend, model)
+    mods = train[0].modalities
+    if per_case: written = case_instructions(llm, cases, quiet=False)
+    else: written = modality_instructions(llm, train)
+    texts = [d[m] for d in (written if per_case else [written]) for m in mods]
+    enc = load_text_encoder(text_encoder, device) if text_encoder else tiny_text_encoder(seed, corpus=_encoder_corpus() + texts)
+    text = embed_instructions(enc, written, mods)
+    tr_text, te_text = (text[:len(train)], text[len(train):]) if per_case else (text, text)
+    table, models = zeus_compare(train, test, (tr_text, te_text), steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
                                  device=device, quiet=False)
     from ullsam_nb.bench_vlm import markdown_table
     md = markdown_table(table[["fusion", "instructions", "DSC", "mIoU", "params", "steps", "seconds"]])
-    print(f"zeus {preset}{' (quick)' if quick else ''}: {len(train)} train / {len(test)} test cases, {p['steps']} steps per variant")
+    print(f"zeus {preset}{' (quick)' if quick else ''}: {len(train)} train / {len(test)} test cases, {p['steps']} steps per variant, "
+          f"instructions {instructions}, text encoder {text_encoder or 'tiny BERT'}")
     print(md)
     if out is not None:
         from ullsam_nb.viz import save_figure
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         save_json(dict(preset=preset, quick=quick, settings=p, seed=seed, llm=llm.identity, instance=ZEUS_INSTANCE,
-                       text_encoder="tiny BertModel (random, seed %d)" % seed, table=table.to_dict("records")), out/"results.json")
-        save_json(instructions, out/"instructions.json")
+                       instructions=instructions, text_encoder=text_encoder or "tiny BertModel (random, seed %d)" % seed,
+                       table=table.to_dict("records")), out/"results.json")
+        save_json(written if not per_case else {c.name: d for c, d in zip(cases, written)}, out/"instructions.json")
         with atomic_write(out/"table.csv", "w") as f: f.write(table.to_csv(index=False))
         with atomic_write(out/"table.md", "w") as f: f.write(md + "\n")
-        save_figure(plot_zeus_predictions(test, models, text), out/"predictions.png")
+        save_figure(plot_zeus_predictions(test, models, te_text), out/"predictions.png")
     return 0

@@ -5,7 +5,7 @@ In one process and on the same random weights (the fast variants share the refer
   mask       FastImageEncoder, SDPA with the decomposed rel-pos bias as an additive float mask;
   augment    FastImageEncoder, SDPA on a query/key augmented with the bias factors (no mask);
   flex       FastImageEncoder, FlexAttention with the bias in a score_mod (compiled kernel on CUDA; CPU: forward only);
-  compiled   torch.compile(FastImageEncoder(attention="auto")), i.e. flex on CUDA; timed only in bf16 unless
+  compiled   torch.compile(FastImageEncoder(attention="auto")), i.e. augment on CUDA; timed only in bf16 unless
              --compile-all. Also available (not run by default): compiled-mask, compiled-augment, compiled-flex.
 Precisions: fp32 (TF32 off), bf16 (both models cast to bf16), amp (fp32 weights, bf16 autocast).
 Modes: fwd (no_grad) and fwdbwd (forward + backward of a random output gradient, parameter grads reset each step).
@@ -195,7 +195,7 @@ def parse(argv=None):
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of `compiled`")
     p.add_argument("--compile-all", action="store_true", help="also compile in fp32/amp and on the CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (--quick: cpu)")
-    p.add_argument("--quick", action="store_true", help="small CPU run: tiny config at 256^2, batch 1,2")
+    p.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true", help="small CPU run: tiny config at 256^2, batch 1,2")
     p.add_argument("--out", default=str(Path(__file__).parent/"results"/"sam_encoder.json"))
     a = p.parse_args(argv)
     if a.quick: a.device = a.device or "cpu"

@@ -1,27 +1,34 @@
-"""Benchmark: one uLLSAM joint training step (stage 3), images/s and peak memory, reference style vs ours.
+"""Benchmark: one uLLSAM joint training step (stage 3), images/s, peak memory and model-FLOP utilisation.
 
 Real size (GPU): SAM ViT-B (random weights) + a Llama-architecture LLM with InternLM2-1.8B's dimensions (hidden 2048,
 24 layers, 16 heads, 8 KV heads, MLP 8192; random weights), 1024x1024 input, 4 prompted instances per image
 (1 positive + 3 ring negatives), loss BCE + soft Dice on full-resolution logits, AdamW + clipping. In one run:
 
   reference   the reference code's way: the WHOLE model cast to bf16 (weights, grads and AdamW state in bf16),
-              SAM's image encoder run TWICE per image (once for the MLLM branch, once for SAM), batch 1;
+              SAM's image encoder (segment-anything's) run TWICE per image (MLLM branch, SAM branch), batch 1;
   ours        `ullsam_nb.train`'s step: fp32 master weights under bf16 autocast, the frozen LLM stored in bf16,
-              the encoder run ONCE for both branches (`ULLSAM.image_features`), the fast SAM encoder
-              (`ullsam_nb.encoder`), fused AdamW; batch 1 and the largest batch that fits;
-  frozen_vlk  ours in `frozen_vlk` mode, steady state (encoder + LLM features cached after the first epoch):
-              only mlp2, s/b, the prompt encoder and the mask decoder run per step.
+              the encoder run ONCE for both branches, the fast SAM encoder (attention `auto`), fused AdamW;
+              batch 1 and larger batches (--batches);
+  frozen_vlk  ours in `frozen_vlk` mode, steady state: encoder + LLM features cached on the device after the first
+              step (the image keys computed once), so only mlp2, s/b, the prompt encoder and the mask decoder run;
+              batched (--fvlk-batch).
 
-Reported: images/s, step time, peak GPU memory, FLOP per step (torch's FlopCounterMode), the measured bf16 matmul
-peak and the utilisation, the largest batch per mode that fits in 24 GB. `--quick` runs the tiny model on the CPU
-(fp32 for ours; the reference still casts to bf16). Writes bench/results/train_step.json.
+FLOPs: `ullsam_nb.encoder.count_flops` (torch's FlopCounterMode, with every SDPA kernel counted, grouped-query
+attention included, and the fast encoder counted as the reference's formulation). Model FLOPs per image are those of
+`ours` (one encoder pass); utilisation (MFU) = model FLOPs per image x images/s / the measured bf16 matmul peak; the
+reference's two encoder passes are extra work, not model FLOPs. frozen_vlk's row uses its own step's FLOPs.
+Also: the largest batch per mode (reference, baseline, ullsam, frozen_vlk) whose step stays under 24 GiB (CUDA).
 
-    python bench/train_step.py [--quick] [--steps 10] [--no-fit24]
+`--quick` (alias `--cpu-smoke`): tiny SAM + tiny LLM (with grouped-query attention) on the CPU, every path and the
+FLOP count exercised, no speed claim. Writes bench/results/train_step.json (or --out).
+
+    python bench/train_step.py [--quick] [--steps 10] [--batches 1,8,32] [--fvlk-batch 32] [--no-fit24]
 """
-import argparse, copy, gc, time, platform, resource, types
+import argparse, gc, time, platform, resource, types
 from pathlib import Path
 import torch
 from ullsam_nb.basics import save_json, seed_everything, default_device
+from ullsam_nb.encoder import count_flops, use_fast_encoder
 
 FULL_LLM = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                 intermediate_size=8192, max_position_embeddings=4096)
@@ -37,10 +44,14 @@ def make_batch(model, n_images, quick):
     from ullsam_nb.synth import make_world
     from ullsam_nb.data import folder_pairs, InstanceDataset, collate_instances
     from ullsam_nb.sbr import sbr_prompt_sampler
-    world = make_world(Path(tempfile.mkdtemp())/"w", n=max(n_images, 1), seed=0, domains=["fluo_nuclei"], size=256)
+    world = make_world(Path(tempfile.mkdtemp())/"w", n=min(max(n_images, 1), 8), seed=0, domains=["fluo_nuclei"], size=256)
     ds = InstanceDataset(folder_pairs(world), max_instances=4, prompt_sampler=sbr_prompt_sampler,
                          sam_size=model.image_size, mode=model.config.preprocess)
-    return collate_instances([ds[i % len(ds)] for i in range(n_images)])
+    items = [ds[i % len(ds)] for i in range(n_images)]
+    if n_images > len(ds):        # distinct images (frozen_vlk caches per image): flip the repeats
+        for i in range(len(ds), n_images):
+            items[i] = dict(items[i], input_image=torch.flip(items[i]["input_image"], dims=(-1,)) + 1e-3 * (i // len(ds)))
+    return collate_instances(items)
 
 
 def build(mode, quick, dev, dtype_llm):
@@ -55,7 +66,7 @@ def to_dev(batch, dev):
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def reference_model(model, dev):
+def reference_model(model):
     "The reference's setup: the whole model cast to bf16, and an `image_features` that runs the encoder twice."
     ref = model.to(torch.bfloat16)
     def image_features(self, images, image_keys=None):
@@ -67,13 +78,13 @@ def reference_model(model, dev):
     return ref
 
 
-def step_fn(model, batch, dev, autocast, fused):
+def step_fn(model, batch, dev, autocast, fused, image_keys=None):
     from ullsam_nb.model import joint_loss
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, **({"fused": True} if fused else {}))
     def step():
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
-        with ctx: loss = joint_loss(model, batch)["loss"]
+        with ctx: loss = joint_loss(model, batch, image_keys=image_keys)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
@@ -93,10 +104,9 @@ def time_steps(step, dev, n, warmup=2):
     return dt, peak
 
 
-def flops_of(step):
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc: step()
-    return fc.get_total_flops()
+def flops_of(step, model):
+    "FLOPs of one training step (forward, backward, optimiser) of `model`, the fast encoder counted as the reference."
+    return count_flops(step, modules=model)
 
 
 def matmul_peak(dev, n=8192, reps=20):
@@ -108,99 +118,130 @@ def matmul_peak(dev, n=8192, reps=20):
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def free(*objs):
-    for o in objs: del o
+def free():
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 
-def largest_batch(kind, quick, dev, limit_gib=24.0, cap=64):
-    "Largest power-of-two batch whose step stays under `limit_gib` of peak GPU memory (None on CPU)."
+def largest_batch(model, quick, dev, autocast, fused, limit_gib=24.0, cap=64, steady=False):
+    "Largest power-of-two batch (up to `cap`) whose step keeps peak GPU memory under `limit_gib` (None off CUDA)."
     if dev.type != "cuda": return None
-    best, b = 0, 1
+    best, b, tried = 0, 1, {}
     while b <= cap:
         try:
-            model = build("frozen_vlk" if kind == "frozen_vlk" else "ullsam", quick, dev, "bfloat16")
-            if kind == "reference": model = reference_model(model, dev)
-            elif not quick:
-                from ullsam_nb.encoder import use_fast_encoder
-                use_fast_encoder(model.sam)
             batch = to_dev(make_batch(model, b, quick), dev)
-            step = step_fn(model, batch, dev, autocast=True, fused=True)
+            keys = model.image_keys(model.pixels(batch["input_image"])) if steady else None
+            step = step_fn(model, batch, dev, autocast=autocast, fused=fused, image_keys=keys)
             _, peak = time_steps(step, dev, 1, warmup=1)
+            tried[b] = round(peak, 2)
             ok = peak <= limit_gib
         except torch.cuda.OutOfMemoryError:
-            ok = False
-        free(); torch.cuda.empty_cache()
+            tried[b], ok = "out of memory", False
+        batch = step = None
+        if hasattr(model, "clear_feature_cache"): model.clear_feature_cache()
+        free()
         if not ok: break
         best, b = b, b * 2
-    return best
+    return dict(batch=best, peak_gib_by_batch=tried)
 
 
-def main(quick=False, steps=None, fit24=True):
+def main(quick=False, steps=None, fit24=True, batches=None, fvlk_batch=None, out=None):
     dev = torch.device("cpu") if quick else default_device()
     if not quick and dev.type != "cuda": print("no GPU: running --quick on the CPU"); quick, dev = True, torch.device("cpu")
-    steps = steps or (3 if quick else 10)
+    steps = steps or (2 if quick else 10)
     gpu = dev.type == "cuda"
-    rows = []
+    batches = batches or ([1, 2] if quick else [1, 8, 32])
+    fvlk_batch = fvlk_batch or (4 if quick else 32)
+    rows, fit = [], {}
 
-    def measure(name, model, batch_images, autocast, fused, encoder_passes):
-        batch = to_dev(make_batch(model, batch_images, quick), dev)
-        step = step_fn(model, batch, dev, autocast, fused)
-        dt, peak = time_steps(step, dev, steps)
-        fl = flops_of(step) if gpu else None
-        row = dict(variant=name, batch=batch_images, encoder_passes=encoder_passes, step_s=round(dt, 4),
-                   images_per_s=round(batch_images / dt, 2), peak_mem_gib=round(peak, 2),
-                   tflop_per_step=None if fl is None else round(fl / 1e12, 2))
-        rows.append(row); print(row)
+    def measure(name, model, batch_images, autocast, fused, encoder_passes, steady=False):
+        try:
+            batch = to_dev(make_batch(model, batch_images, quick), dev)
+            keys = model.image_keys(model.pixels(batch["input_image"])) if steady else None
+            step = step_fn(model, batch, dev, autocast, fused, image_keys=keys)
+            dt, peak = time_steps(step, dev, steps)
+            fl = flops_of(step, model)
+            row = dict(variant=name, batch=batch_images, encoder_passes=encoder_passes, step_s=round(dt, 4),
+                       images_per_s=round(batch_images / dt, 2), peak_mem_gib=round(peak, 2),
+                       tflop_per_step=round(fl / 1e12, 4), gflop_per_image=round(fl / 1e9 / batch_images, 2))
+        except torch.cuda.OutOfMemoryError:
+            row = dict(variant=name, batch=batch_images, skipped="out of memory")
+        free()
+        rows.append(row); print(row, flush=True)
         return row
 
-    # reference style
-    ref = reference_model(build("ullsam", quick, dev, None), dev)
-    measure("reference (bf16 cast, encoder x2)", ref, 1, autocast=True, fused=False, encoder_passes=2)
-    free(ref)
-    # ours, joint
-    ours = build("ullsam", quick, dev, None if quick else "bfloat16")
-    if not quick:
-        from ullsam_nb.encoder import use_fast_encoder
-        use_fast_encoder(ours.sam)
-    measure("ours joint (fp32 master + bf16 autocast, encoder x1)" if gpu else "ours joint (fp32, encoder x1)",
-            ours, 1, autocast=gpu, fused=gpu, encoder_passes=1)
-    free(ours)
-    # ours, frozen_vlk (steady state: features cached)
-    fz = build("frozen_vlk", quick, dev, None if quick else "bfloat16")
-    measure("ours frozen_vlk (cached features)", fz, 1, autocast=gpu, fused=gpu, encoder_passes=0)
-    free(fz)
+    def autocast_fused(): return dict(autocast=gpu, fused=gpu)
 
-    ref_ips = rows[0]["images_per_s"]
-    for r in rows: r["speedup_vs_reference"] = round(r["images_per_s"] / ref_ips, 2)
+    # ours, joint (then the same model, reference-style, so the LLM is built once)
+    model = build("ullsam", quick, dev, None if quick else "bfloat16")
+    sam_encoder = model.sam.image_encoder
+    use_fast_encoder(model.sam)
+    for b in batches:
+        measure("ours joint (fp32 master + bf16 autocast, encoder x1)" if gpu else "ours joint (fp32, encoder x1)",
+                model, b, encoder_passes=1, **autocast_fused())
+    if fit24: fit["ullsam"] = largest_batch(model, quick, dev, **autocast_fused())
+    model.sam.image_encoder = sam_encoder                    # segment-anything's encoder, same parameters
+    model = reference_model(model)
+    measure("reference (bf16 cast, encoder x2)", model, 1, autocast=True, fused=False, encoder_passes=2)
+    if fit24: fit["reference"] = largest_batch(model, quick, dev, autocast=True, fused=False)
+    model = sam_encoder = None; free()
+    # ours, frozen_vlk (steady state: features cached on the device, image keys computed once)
+    model = build("frozen_vlk", quick, dev, None if quick else "bfloat16")
+    use_fast_encoder(model.sam)
+    model.feature_cache_device = None                        # the model's device
+    for b in sorted({1, fvlk_batch}):
+        measure("ours frozen_vlk (cached features, steady state)", model, b, encoder_passes=0, steady=True, **autocast_fused())
+        model.clear_feature_cache()
+    if fit24: fit["frozen_vlk"] = largest_batch(model, quick, dev, steady=True, **autocast_fused())
+    model = None; free()
+    if fit24 and gpu:                                        # baseline: SAM alone (no VLK path)
+        model = build("baseline", quick, dev, None); use_fast_encoder(model.sam)
+        fit["baseline"] = largest_batch(model, quick, dev, **autocast_fused())
+        model = None; free()
+
+    ok = [r for r in rows if "images_per_s" in r]
+    ref_ips = next(r["images_per_s"] for r in ok if r["variant"].startswith("reference"))
+    ours1 = next(r for r in ok if r["variant"].startswith("ours joint") and r["batch"] == 1)
+    model_gflop = ours1["gflop_per_image"]                   # one encoder pass: the model's FLOPs per image
+    for r in ok: r["speedup_vs_reference"] = round(r["images_per_s"] / ref_ips, 2)
     res = dict(bench="train_step", quick=quick, device=str(dev), gpu=torch.cuda.get_device_name() if gpu else None,
                torch=torch.__version__, python=platform.python_version(), steps=steps, rows=rows,
+               model_gflop_per_image=model_gflop,
                model="tiny SAM + tiny LLM (CPU)" if quick else "SAM ViT-B + Llama with InternLM2-1.8B dims (random weights)")
     if gpu:
         peak = matmul_peak(dev)
         res["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
-        for r in rows:
-            if r["tflop_per_step"]:
-                r["utilisation"] = round(r["tflop_per_step"] * 1e12 * r["images_per_s"] / r["batch"] / peak, 3)
-                r["limit_images_per_s"] = round(peak / (r["tflop_per_step"] * 1e12 / r["batch"]), 1)
-        if fit24:
-            res["largest_batch_24gib"] = {k: largest_batch(k, quick, dev) for k in ("reference", "ours", "frozen_vlk")}
-    print(f"\n{'variant':58s} {'batch':>5} {'img/s':>9} {'x ref':>7} {'peak GiB':>9} {'TFLOP':>7}")
+        for r in ok:
+            per_image = (r["gflop_per_image"] if "frozen_vlk" in r["variant"] else model_gflop) * 1e9
+            r["mfu"] = round(per_image * r["images_per_s"] / peak, 3)
+            r["limit_images_per_s"] = round(peak / per_image, 1)
+    if fit24: res["largest_batch_24gib"] = fit
+    print(f"\n{'variant':58s} {'batch':>5} {'img/s':>9} {'x ref':>7} {'peak GiB':>9} {'GFLOP/img':>10} {'MFU':>6}")
     for r in rows:
+        if "images_per_s" not in r: print(f"{r['variant']:58s} {r['batch']:>5} {r['skipped']}"); continue
         print(f"{r['variant']:58s} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['speedup_vs_reference']:>7.2f} "
-              f"{r['peak_mem_gib']:>9.2f} {str(r['tflop_per_step']):>7}")
+              f"{r['peak_mem_gib']:>9.2f} {r['gflop_per_image']:>10.1f} {str(r.get('mfu', '-')):>6}")
+    if fit24 and gpu: print("largest batch in 24 GiB:", {k: v["batch"] for k, v in fit.items()})
     if quick: print("(CPU --quick: peak memory is the process's max RSS; the reference runs bf16 on the CPU, which is slow there)")
-    out = Path(__file__).parent/"results"/"train_step.json"
+    out = Path(out) if out else Path(__file__).parent/"results"/"train_step.json"
     save_json(res, out)
     print(f"wrote {out}")
     return res
 
 
-if __name__ == "__main__":
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--no-fit24", dest="fit24", action="store_false", help="skip the largest-batch-in-24-GB search")
-    a = ap.parse_args()
-    main(a.quick, a.steps, a.fit24)
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes for ours joint (default 1,8,32)")
+    ap.add_argument("--fvlk-batch", type=int, default=None, help="frozen_vlk steady-state batch (default 32)")
+    ap.add_argument("--no-fit24", dest="fit24", action="store_false", help="skip the largest-batch-in-24-GiB search")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json)")
+    a = ap.parse_args(argv)
+    a.batches = [int(b) for b in a.batches.split(",")] if a.batches else None
+    return a
+
+
+if __name__ == "__main__":
+    a = parse()
+    main(a.quick, a.steps, a.fit24, a.batches, a.fvlk_batch, a.out)

@@ -50,7 +50,7 @@ def images_per_s(fn, embeddings, batch, dev, warmup=1):
     return len(embeddings) / (time.perf_counter() - t)
 
 
-def main(quick=False, batch=8, images=None):
+def main(quick=False, batch=8, images=None, out_path=None):
     from transformers import LlamaConfig, LlamaForCausalLM
     dev = torch.device("cpu") if quick else default_device()
     spec = QUICK if quick else FULL
@@ -95,14 +95,17 @@ def main(quick=False, batch=8, images=None):
                device_name=torch.cuda.get_device_name() if dev.type == "cuda" else (platform.processor() or platform.machine()),
                embedding=[C, h, w], image_tokens=n_tokens, prompt_tokens=len(ref.prompt.ids(n_tokens)[0]), llm=spec["llm"],
                images_ours=images, images_reference=n_ref, torch=torch.__version__, rows=rows)
-    save_json(res, Path(__file__).parent / "results" / "vlk.json")
+    out_path = Path(out_path) if out_path else Path(__file__).parent / "results" / "vlk.json"
+    save_json(res, out_path)
+    print(f"wrote {out_path}")
     return res
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small dimensions on the CPU (smoke run)")
+    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true", help="small dimensions on the CPU (smoke run)")
     ap.add_argument("--batch", type=int, default=8, help="images per batch for our path")
     ap.add_argument("--images", type=int, default=None, help="images timed (default 32, quick 8)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/vlk.json)")
     a = ap.parse_args()
-    main(a.quick, a.batch, a.images)
+    main(a.quick, a.batch, a.images, a.out)

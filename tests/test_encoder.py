@@ -156,3 +156,154 @@ def test_torch_compile_cpu(method):
     fast = fast_image_encoder(ref, compile=True, attention=method)
     x = _images(ref, 2)
     with torch.no_grad(): assert rel_err(fast(x), ref(x)) < 1e-5
+
+
+# --- issue 17: the attention rule, measure-once, FLOP counting, every mode on the fast encoder, the device script ---
+import importlib.util, json, subprocess, sys
+from pathlib import Path
+import torch.nn.functional as F
+import ullsam_nb.encoder as E
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _bench(name):
+    "Import bench/<name>.py as a module."
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT/"bench"/f"{name}.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+def test_auto_attention_per_device_and_call_never_flex():
+    "CUDA's auto is the path measured fastest there (augment, forward and training), never FlexAttention."
+    for training in (False, True):
+        assert E.resolve_attention("auto", "cuda", training) == "augment"
+        assert E.resolve_attention("auto", "cpu", training) == "mask"
+    assert "flex" not in E.AUTO_ATTENTION.values()
+    assert E.resolve_attention("math", "cuda") == "math"
+
+def _spy_methods(monkeypatch):
+    seen = []
+    real = E.rel_pos_attention
+    def spy(*a, **k):
+        seen.append(a[6] if len(a) > 6 else k.get("method", "mask")); return real(*a, **k)
+    monkeypatch.setattr(E, "rel_pos_attention", spy)
+    return seen
+
+def test_auto_distinguishes_forward_only_and_training(monkeypatch):
+    monkeypatch.setitem(E.AUTO_ATTENTION, ("cpu", "infer"), "augment")
+    monkeypatch.setitem(E.AUTO_ATTENTION, ("cpu", "train"), "mask")
+    seen = _spy_methods(monkeypatch)
+    ref, fast = _pair("tiny")
+    x = _images(ref, 1)
+    with torch.no_grad(): fast(x)
+    assert set(seen) == {"augment"}
+    seen.clear(); fast(x).sum().backward()
+    assert set(seen) == {"mask"}
+    seen.clear(); fast.requires_grad_(False); fast(x)        # frozen encoder: forward-only even with grad enabled
+    assert set(seen) == {"augment"}
+
+def _tiny_batch(model, n=2):
+    import tempfile
+    from ullsam_nb.synth import make_world
+    from ullsam_nb.data import folder_pairs, InstanceDataset, collate_instances
+    from ullsam_nb.sbr import sbr_prompt_sampler
+    pairs = folder_pairs(make_world(Path(tempfile.mkdtemp())/"w", n=n, seed=0, domains=["fluo_nuclei"], size=256))
+    ds = InstanceDataset(pairs, max_instances=3, prompt_sampler=sbr_prompt_sampler, sam_size=model.image_size,
+                         mode=model.config.preprocess)
+    return pairs, collate_instances([ds[i] for i in range(n)])
+
+def test_frozen_vlk_features_never_take_flex(monkeypatch):
+    "With CUDA's rule, frozen_vlk's no-grad feature pass runs augment and never reaches FlexAttention."
+    from ullsam_nb.model import ULLSAM, UllsamConfig, joint_loss
+    for kind in ("infer", "train"): monkeypatch.setitem(E.AUTO_ATTENTION, ("cpu", kind), E.AUTO_ATTENTION[("cuda", kind)])
+    def no_flex(*a, **k): raise AssertionError("FlexAttention reached")
+    monkeypatch.setattr(E, "_flex_attention", no_flex)
+    seen = _spy_methods(monkeypatch)
+    model = ULLSAM.from_config(UllsamConfig(sam="tiny", llm="tiny", mode="frozen_vlk", fast_encoder=True)).set_stage(3).train()
+    _, batch = _tiny_batch(model)
+    joint_loss(model, batch)["loss"].backward()
+    assert seen and set(seen) == {"augment"}
+
+def test_measure_once_and_remember(monkeypatch):
+    E._MEASURED.clear()
+    ref, fast = _pair("tiny", attention="measure")
+    x = _images(ref, 1)
+    with torch.no_grad(): got, expected = fast(x), ref(x)
+    assert rel_err(got, expected) < 1e-5
+    table = json.loads(E.attention_cache_file().read_text())
+    (key, rec), = table[E.device_name("cpu")].items()
+    assert "|infer" in key and rec["attention"] in rec["seconds"] and rec["attention"] in ("mask", "augment", "math")
+    E._MEASURED.clear()
+    monkeypatch.setattr(E, "_time_path", lambda *a, **k: pytest.fail("timed again"))
+    with torch.no_grad(): fast(x)                          # a new process reads the file instead of timing again
+    E._MEASURED.clear()
+
+def test_measure_picks_the_fastest(monkeypatch):
+    E._MEASURED.clear()
+    times = {"mask": 3.0, "augment": 1.0, "math": 2.0}
+    monkeypatch.setattr(E, "_time_path", lambda enc, x, m, training, iters: times[m])
+    ref, fast = _pair("tiny")
+    assert E.measure_attention(fast, _images(ref, 1)) == "augment"
+    times["augment"] = 9.0
+    assert E.measure_attention(fast, _images(ref, 1)) == "augment"          # remembered
+    assert E.measure_attention(fast, _images(ref, 1), force=True) == "math"  # re-measured on request
+    E._MEASURED.clear()
+
+def test_count_flops_fused_attention_and_gqa():
+    "torch's counter sees no CPU SDPA kernel (0 FLOPs) and raised on grouped-query attention in torch 2.11."
+    q = torch.randn(2, 8, 64, 32, requires_grad=True)
+    k, v = torch.randn(2, 2, 64, 32, requires_grad=True), torch.randn(2, 2, 64, 32, requires_grad=True)
+    fwd = E.count_flops(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    assert fwd == E.attention_flops(q.shape, k.shape, v.shape) == 2*2*8*64*64*64
+    both = E.count_flops(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True).sum().backward())
+    assert both - fwd == 2*2*8*64*64*(3*32 + 2*32)
+
+def test_count_flops_fast_encoder_as_reference():
+    from torch.utils.flop_counter import FlopCounterMode
+    ref, fast = _pair("tiny", attention="augment")
+    x = _images(ref, 1)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc: ref(x)
+        assert E.count_flops(fast, x, modules=fast) == fc.get_total_flops()
+    assert fast.attention == "augment"
+
+def test_train_step_flops_count_the_llm_attention():
+    "bench/train_step.py's FLOPs of a joint step with the tiny (grouped-query) LLM include its attention."
+    from torch.utils.flop_counter import FlopCounterMode
+    ts = _bench("train_step")
+    model = ts.build("ullsam", True, torch.device("cpu"), None)
+    assert model.vlk.llm.config.num_key_value_heads < model.vlk.llm.config.num_attention_heads
+    use_fast_encoder(model.sam)
+    batch = ts.make_batch(model, 1, True)
+    step = ts.step_fn(model, batch, torch.device("cpu"), autocast=False, fused=False)
+    ours = ts.flops_of(step, model)
+    with FlopCounterMode(display=False) as fc: step()
+    assert ours > fc.get_total_flops() > 0
+
+@pytest.mark.parametrize("mode", ["baseline", "ullsam", "frozen_vlk"])
+def test_every_mode_trains_and_evaluates_with_the_fast_encoder(mode):
+    "The CPU twin of the notebook's `#| cuda` cell: two joint steps and a point-prompt evaluation per mode."
+    from ullsam_nb.model import ULLSAM, UllsamConfig, joint_loss
+    from ullsam_nb.data import load_pairs
+    from ullsam_nb.evaluate import evaluate_models
+    model = ULLSAM.from_config(UllsamConfig(sam="tiny", llm="tiny", mode=mode, fast_encoder=True)).set_stage(3).train()
+    assert isinstance(model.sam.image_encoder, FastImageEncoder)
+    pairs, batch = _tiny_batch(model)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    for _ in range(2):
+        loss = joint_loss(model, batch)["loss"]
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    per_image, _ = evaluate_models({mode: model.eval()}, load_pairs(pairs)[0], protocols=("point",), progress_bar=False)
+    assert len(per_image) == 2 and per_image["dice"].notna().all()
+
+@slow
+def test_gpu_tests_script_cpu_smoke(tmp_path):
+    "bench/gpu_tests.sh --cpu-smoke runs every stage at tiny size and writes the summary JSON and one JSON per bench."
+    r = subprocess.run(["bash", "bench/gpu_tests.sh", "--cpu-smoke"], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=900)
+    summary = json.loads((tmp_path/"gpu_tests.json").read_text())
+    assert r.returncode == 0 and summary["passed"], r.stdout[-3000:] + r.stderr[-3000:]
+    assert set(summary["stages"]) == {"cuda", "encoder_b", "encoder_lh", "train_step", "vlk"}
+    ts = summary["stages"]["train_step"]["result"]
+    assert all(row["tflop_per_step"] > 0 for row in ts["rows"])
+    assert len(list(tmp_path.iterdir())) <= 8                       # what the device tool brings back

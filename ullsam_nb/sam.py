@@ -14,18 +14,20 @@ from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam, ImageEncoderViT, PromptEncoder, MaskDecoder, TwoWayTransformer
 from segment_anything.predictor import SamPredictor
 from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
-from .basics import (InputError, atomic_write, cache_dir, default_device, hash_array, hash_json,
+from .instance import InstanceHead, instances_from_maps
+from .basics import (InputError, atomic_write, cache_dir, default_device, hash_array, hash_json, hash_file,
                               hash_state_dict, progress, save_json, load_json)
 from .io import (SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input,
                           image_to_unit, read_image, read_labels, write_labels, IMAGE_SUFFIXES, list_images)
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'SAM_REGISTRY', 'AMG_PRESETS', 'sam_from_config', 'sam_architecture', 'build_sam', 'strip_key_prefixes',
+__all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'AMG_PRESETS', 'AUTO_METHODS', 'sam_from_config',
+           'small_sam', 'weights_dir', 'pretrained_weights', 'sam_architecture', 'build_sam', 'strip_key_prefixes',
            'read_checkpoint', 'CheckpointMismatchError', 'check_state_dict', 'load_checkpoint', 'save_model',
            'load_model', 'model_identity', 'embedding_cache_path', 'load_cached_embedding', 'embed_images',
            'embed_image', 'decode_prompts', 'prompts_to_input', 'segment_prompts', 'masks_to_labels', 'CachedPredictor',
-           'clean_small_regions', 'MicroscopyMaskGenerator', 'automatic_segmentation', 'segment_image', 'segment_cmd',
-           'precompute_cmd']
+           'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'automatic_segmentation', 'segment_image',
+           'segment_cmd', 'precompute_cmd']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
 TINY_CONFIG = dict(image_size=256, patch_size=16, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
@@ -50,22 +52,55 @@ def sam_from_config(image_size:int, patch_size:int, encoder_embed_dim:int, encod
                           iou_head_depth=3, iou_head_hidden_dim=iou_head_hidden_dim)
     return Sam(image_encoder=encoder, prompt_encoder=prompt_encoder, mask_decoder=decoder).eval()
 
+SMALL_CONFIG = dict(image_size=256, patch_size=8, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
+                    window_size=8, global_attn_indexes=(1, 3), prompt_embed_dim=128,
+                    decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_hidden_dim=128)
+
+def small_sam() -> Sam:
+    "The toolkit's own generalist architecture: `SMALL_CONFIG` plus an `InstanceHead` as `model.instance_head`."
+    model = sam_from_config(**SMALL_CONFIG)
+    model.instance_head = InstanceHead(embed_dim=SMALL_CONFIG["prompt_embed_dim"])
+    return model.eval()
+
 SAM_REGISTRY = {"vit_b": sam_model_registry["vit_b"], "vit_l": sam_model_registry["vit_l"],
-                "vit_h": sam_model_registry["vit_h"], "tiny": partial(sam_from_config, **TINY_CONFIG)}
+                "vit_h": sam_model_registry["vit_h"], "tiny": partial(sam_from_config, **TINY_CONFIG), "small": small_sam}
+
+# %% ../nbs/08_sam.ipynb #dd732190
+PRETRAINED = {"small": "sam_small"}   # registry name -> file stem of its shipped weights in `weights_dir()`
+_VERIFIED = {}
+
+def weights_dir() -> Path:
+    "The package folder holding the shipped weights, their JSON records and model cards."
+    import ullsam_nb
+    return Path(ullsam_nb.__file__).resolve().parent/"weights"
+
+def pretrained_weights(name:str):
+    "The shipped, sha256-verified weights file of registry model `name`, or None when none ship for it."
+    stem = PRETRAINED.get(name)
+    path = None if stem is None else weights_dir()/f"{stem}.safetensors"
+    if path is None or not path.exists() or not path.with_suffix(".json").exists(): return None
+    want = load_json(path.with_suffix(".json")).get("sha256")
+    if path not in _VERIFIED: _VERIFIED[path] = hash_file(path)
+    if want and _VERIFIED[path] != want:
+        raise InputError(f"shipped weights do not match their sha256 ({_VERIFIED[path][:12]}... vs {want[:12]}...): reinstall the package", path)
+    return path
 
 # %% ../nbs/08_sam.ipynb #071454d5
 def sam_architecture(model:Sam) -> str:
     "The registry name a model was built as (`'custom'` for a hand-built `Sam`)."
     return getattr(model, "ullsam_arch", "custom")
 
-def build_sam(name:str="tiny", checkpoint=None, device=None, fast:bool=False, seed:int=0) -> Sam:
-    "Build registry model `name` (vit_b, vit_l, vit_h, tiny) in eval mode, load `checkpoint` (any supported layout) and move it to `device`."
+def build_sam(name:str="small", checkpoint=None, device=None, fast:bool=False, seed:int=0, pretrained:bool=True) -> Sam:
+    "Build registry model `name` (small, tiny, vit_b/l/h) in eval mode with `checkpoint` (any layout) or its shipped weights, on `device`."
     if name not in SAM_REGISTRY: raise InputError(f"unknown SAM model {name!r}; known: {', '.join(SAM_REGISTRY)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SAM_REGISTRY[name]()
     model.ullsam_arch = name
+    if checkpoint is None and pretrained: checkpoint = pretrained_weights(name)
     if checkpoint is not None: load_checkpoint(model, checkpoint)
+    elif pretrained: warnings.warn(f"SAM {name!r} has random weights: no checkpoint given and none shipped "
+                                   f"(pass pretrained=False, or --random-init on the command line, to ask for random weights)")
     if fast:
         from ullsam_nb.encoder import use_fast_encoder
         use_fast_encoder(model)
@@ -154,7 +189,7 @@ def save_model(model:Sam, dir, name:str="sam") -> Path:
     weights = dir/f"{name}.safetensors"
     with atomic_write(weights) as f: f.write(save(state, metadata={"architecture": arch}))
     save_json({"architecture": arch, "weights": weights.name, "weights_hash": hash_state_dict(state),
-               "format": "ullsam_nb.sam/1"}, dir/f"{name}.json")
+               "sha256": hash_file(weights), "format": "ullsam_nb.sam/1"}, dir/f"{name}.json")
     return weights
 
 def _own_weights_path(dir:Path, name=None) -> Path:
@@ -401,11 +436,31 @@ class MicroscopyMaskGenerator(SamAutomaticMaskGenerator):
         return mask_data
 
 # %% ../nbs/08_sam.ipynb #02040a42
+AUTO_METHODS = ("ais", "amg")
+
+@torch.no_grad()
+def instance_maps(model:Sam, image, mode:str="sam", cache=True) -> np.ndarray:
+    "The instance head's foreground and boundary-distance probabilities `(2,H,W)` of `image` (a model with `instance_head`)."
+    head = getattr(model, "instance_head", None)
+    if head is None: raise InputError(f"model {sam_architecture(model)!r} has no instance head: use method='amg'")
+    emb, info = embed_image(model, image, mode=mode, cache=cache)
+    x, _ = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)
+    w = next(head.parameters())
+    probs = head(emb.to(w.device, w.dtype), x[None].to(w.device, w.dtype)).float().sigmoid()[0]
+    return masks_to_original(probs, info).cpu().numpy()
+
 def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_thresh:float=None,
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
-                           cache=True, return_records:bool=False, **kwargs):
-    "Automatic instance segmentation (SAM's grid prompts + IoU/stability filters + NMS) -> (H,W) label map (overlaps by score)."
+                           cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
+                           seed_threshold:float=0.5, min_area:int=8, **kwargs):
+    "Automatic instance segmentation -> (H,W) label map: `ais` (instance head + watershed; the default when the model has one) or `amg` (SAM's grid prompts)."
+    method = method or ("ais" if hasattr(model, "instance_head") else "amg")
+    if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")
+    if method == "ais":
+        fg, dist = instance_maps(model, image, mode=mode, cache=cache)
+        labels = instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
+        return (labels, []) if return_records else labels
     if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
     given = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
                  min_mask_region_area=min_mask_region_area, box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers)

@@ -104,7 +104,8 @@ def _flex_attention(q, k, v, score_mod):
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, score_mod=score_mod)
     if _compiled_flex is None: _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, score_mod=score_mod)
+    with torch.autocast("cuda", enabled=False):  # inputs are already in the compute dtype; keeps autocast out of the kernel's trace
+        return _compiled_flex(q, k, v, score_mod=score_mod)
 
 def rel_pos_attention(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor, rel_pos_h:torch.Tensor, rel_pos_w:torch.Tensor,
                       hw:Tuple[int, int], method:str="mask") -> torch.Tensor:

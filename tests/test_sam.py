@@ -4,7 +4,8 @@ from pathlib import Path
 from skimage.draw import disk
 from segment_anything.modeling import ImageEncoderViT
 from ullsam_nb.io import write_image, write_labels, read_labels
-from ullsam_nb.sam import (build_sam, embed_image, segment_prompts, automatic_segmentation, segment_cmd, precompute_cmd,
+from ullsam_nb.segment import segment_cmd, precompute_cmd
+from ullsam_nb.sam import (build_sam, embed_image, segment_prompts, automatic_segmentation,
                            masks_to_labels, model_identity, AMG_PRESETS)
 from ullsam_nb.basics import InputError
 
@@ -59,7 +60,7 @@ def test_precompute_then_segment_skips_encoder(tmp_path, encoder_calls):
     root = _folder(tmp_path/"data", n=2)
     assert precompute_cmd(root/"images") == 0
     assert sum(encoder_calls) == 2
-    files = list((tmp_path/"cache"/"embeddings"/"tiny").glob("*.safetensors"))
+    files = list((tmp_path/"cache"/"embeddings"/"small").glob("*.safetensors"))
     assert len(files) == 2
     assert precompute_cmd(root/"images") == 0 and sum(encoder_calls) == 2          # already cached
     assert segment_cmd(root/"images", tmp_path/"pred", gt=root/"masks") == 0

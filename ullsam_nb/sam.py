@@ -15,6 +15,7 @@ from segment_anything.modeling import Sam, ImageEncoderViT, PromptEncoder, MaskD
 from segment_anything.predictor import SamPredictor
 from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from .instance import InstanceHead, instances_from_maps
+from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles
 from .basics import (InputError, atomic_write, cache_dir, default_device, hash_array, hash_json, hash_file,
                               hash_state_dict, progress, save_json, load_json)
 from .io import (SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input,
@@ -25,9 +26,9 @@ __all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'AMG_PRE
            'small_sam', 'weights_dir', 'pretrained_weights', 'sam_architecture', 'build_sam', 'strip_key_prefixes',
            'read_checkpoint', 'CheckpointMismatchError', 'check_state_dict', 'load_checkpoint', 'save_model',
            'load_model', 'model_identity', 'embedding_cache_path', 'load_cached_embedding', 'embed_images',
-           'embed_image', 'decode_prompts', 'prompts_to_input', 'segment_prompts', 'masks_to_labels', 'CachedPredictor',
-           'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'automatic_segmentation', 'segment_image',
-           'segment_cmd', 'precompute_cmd']
+           'embed_image', 'decode_prompts', 'prompts_to_input', 'segment_prompts', 'unit_uint8', 'prompt_extent',
+           'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
+           'MicroscopyMaskGenerator', 'instance_maps', 'automatic_segmentation']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
 TINY_CONFIG = dict(image_size=256, patch_size=16, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
@@ -321,9 +322,13 @@ def prompts_to_input(info:SamInputInfo, points=None, point_labels=None, boxes=No
 @torch.no_grad()
 def segment_prompts(model:Sam, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
                     embedding=None, info:SamInputInfo=None, dense_prompt=None, mask_input=None, best:bool=True,
-                    mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32) -> tuple:
-    "Segment N instances of `image` from boxes and/or points (original pixels) in one decoder call: `(masks (N,H,W) bool, scores (N,))`."
+                    mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32, tile:bool|None=None,
+                    overlap:int=64) -> tuple:
+    "Segment N instances of `image` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; large images are tiled."
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
+    if tile is None: tile = embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), model.image_encoder.img_size)
+    if tile: return segment_prompts_tiled(model, image, boxes, points, point_labels, multimask=multimask, best=best, mode=mode,
+                                          cache=cache, return_logits=return_logits, overlap=overlap)
     if embedding is None: embedding, info = embed_image(model, image, mode=mode, cache=cache)
     elif isinstance(embedding, tuple): embedding, info = embedding
     if info is None: info = preprocess_for_sam(np.asarray(image), size=model.image_encoder.img_size, mode=mode)[1]
@@ -348,6 +353,45 @@ def segment_prompts(model:Sam, image, boxes=None, points=None, point_labels=None
         up = masks_to_original(part, info).reshape(-1, M, H, W)
         outs.append(up.float().cpu() if return_logits else (up > model.mask_threshold).cpu())
     masks, scores = torch.cat(outs), iou.float().cpu()
+    if M == 1: masks, scores = masks[:, 0], scores[:, 0]
+    return masks, scores
+
+def unit_uint8(image) -> np.ndarray:
+    "An image as the model sees it, `(H,W,3)` uint8 (`io.image_to_unit` on the whole image): tiles cut from it share one normalisation."
+    return np.round(image_to_unit(image) * 255).astype(np.uint8)
+
+def prompt_extent(boxes=None, points=None, point_labels=None) -> np.ndarray:
+    "An inclusive `xyxy` box per prompt: the box itself, else the bounding box of its positive points (all points if none)."
+    if boxes is not None: return np.asarray(boxes, np.float32).reshape(-1, 4)
+    pts = np.asarray(points, np.float32)
+    pts = pts[:, None] if pts.ndim == 2 else pts
+    lab = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels).reshape(pts.shape[:2])
+    pos = np.where((lab == 1)[..., None] | ~(lab == 1).any(1)[:, None, None], pts, np.nan)
+    return np.concatenate([np.nanmin(pos, 1), np.nanmax(pos, 1)], 1)
+
+def segment_prompts_tiled(model:Sam, image, boxes=None, points=None, point_labels=None, multimask:bool=False, best:bool=True,
+                          mode:str="sam", cache=True, return_logits:bool=False, overlap:int=64) -> tuple:
+    "`segment_prompts` at native resolution: each prompt is decoded in the tile that holds its box (or points) with the widest margin."
+    u8 = unit_uint8(image)
+    H, W = u8.shape[:2]
+    tiles = tile_grid(u8.shape, model.image_encoder.img_size, overlap)
+    extent = prompt_extent(boxes, points, point_labels)
+    owner = assign_boxes(extent, tiles)
+    M = 3 if (multimask and not best) else 1
+    fill = -1e4 if return_logits else False
+    masks = torch.full((len(extent), M, H, W), fill, dtype=torch.float32 if return_logits else torch.bool)
+    scores = torch.zeros((len(extent), M))
+    pts = None if points is None else np.asarray(points, np.float32)
+    pts = pts[:, None] if (pts is not None and pts.ndim == 2) else pts
+    for t in np.unique(owner):
+        idx = np.flatnonzero(owner == t); ys, xs = tiles[t]; off = tile_offset(tiles[t])
+        m, s = segment_prompts(model, u8[ys, xs], boxes=None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)[idx] - np.tile(off, 2),
+                               points=None if pts is None else pts[idx] - off,
+                               point_labels=None if point_labels is None else np.asarray(point_labels).reshape(pts.shape[:2])[idx],
+                               multimask=multimask, best=best, mode=mode, cache=cache, return_logits=return_logits,
+                               tile=False)
+        masks[idx, :, ys, xs] = m.reshape(len(idx), M, *m.shape[-2:])
+        scores[idx] = s.reshape(len(idx), M)
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
     return masks, scores
 
@@ -439,10 +483,15 @@ class MicroscopyMaskGenerator(SamAutomaticMaskGenerator):
 AUTO_METHODS = ("ais", "amg")
 
 @torch.no_grad()
-def instance_maps(model:Sam, image, mode:str="sam", cache=True) -> np.ndarray:
-    "The instance head's foreground and boundary-distance probabilities `(2,H,W)` of `image` (a model with `instance_head`)."
+def instance_maps(model:Sam, image, mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64) -> np.ndarray:
+    "The instance head's foreground and boundary-distance probabilities `(2,H,W)` of `image`; large images tiled and blended."
     head = getattr(model, "instance_head", None)
     if head is None: raise InputError(f"model {sam_architecture(model)!r} has no instance head: use method='amg'")
+    if tile is None: tile = needs_tiling(np.shape(image), model.image_encoder.img_size)
+    if tile:
+        u8 = unit_uint8(image)
+        tiles = tile_grid(u8.shape, model.image_encoder.img_size, overlap)
+        return blend_tiles([instance_maps(model, u8[ys, xs], mode, cache, tile=False) for ys, xs in tiles], tiles, u8.shape)
     emb, info = embed_image(model, image, mode=mode, cache=cache)
     x, _ = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)
     w = next(head.parameters())
@@ -453,12 +502,12 @@ def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
                            cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
-                           seed_threshold:float=0.5, min_area:int=8, **kwargs):
+                           seed_threshold:float=0.5, min_area:int=8, tile:bool|None=None, **kwargs):
     "Automatic instance segmentation -> (H,W) label map: `ais` (instance head + watershed; the default when the model has one) or `amg` (SAM's grid prompts)."
     method = method or ("ais" if hasattr(model, "instance_head") else "amg")
     if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")
     if method == "ais":
-        fg, dist = instance_maps(model, image, mode=mode, cache=cache)
+        fg, dist = instance_maps(model, image, mode=mode, cache=cache, tile=tile)
         labels = instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
         return (labels, []) if return_records else labels
     if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
@@ -474,84 +523,3 @@ def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_
         labels = masks_to_labels(masks, scores)
     else: labels = np.zeros(image.shape[:2], np.uint32)
     return (labels, records) if return_records else labels
-
-# %% ../nbs/08_sam.ipynb #e49076dc
-def _gt_for(image_path:Path, gt:Path) -> Path:
-    p = gt/image_path.name
-    if p.exists(): return p
-    cands = sorted(q for q in gt.glob(image_path.stem + ".*") if q.suffix.lower() in IMAGE_SUFFIXES)
-    if not cands: raise InputError(f"no ground-truth mask for image {image_path.name}", gt)
-    if cands[0].resolve() == image_path.resolve(): raise InputError(f"the ground truth of {image_path.name} would be the image itself", gt)
-    return cands[0]
-
-def _label_name(image_path:Path) -> str:
-    return image_path.name if image_path.suffix.lower() in (".tif", ".tiff", ".png") else image_path.stem + ".tif"
-
-def segment_image(model:Sam, image, prompts:str="box", gt_labels=None, mode:str="sam", preset:str="default", cache=True,
-                  **auto_kwargs) -> np.ndarray:
-    "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto` (automatic mask generation, `auto_kwargs` to it)."
-    if prompts == "auto": return automatic_segmentation(model, image, preset=preset, mode=mode, cache=cache, **auto_kwargs)
-    if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
-    if gt_labels is None: raise InputError(f"{prompts} prompts need ground-truth masks (--gt)")
-    from ullsam_nb.prompts import instance_ids, boxes_from_labels, positive_points
-    ids = instance_ids(gt_labels)
-    if len(ids) == 0: return np.zeros(np.asarray(image).shape[:2], np.uint32)
-    if prompts == "box": masks, scores = segment_prompts(model, image, boxes=boxes_from_labels(gt_labels, ids), mode=mode, cache=cache)
-    else: masks, scores = segment_prompts(model, image, points=positive_points(gt_labels, ids, rng=np.random.default_rng(0)),
-                                          multimask=True, mode=mode, cache=cache)
-    return masks_to_labels(masks, scores, ids=ids)
-
-def segment_cmd(images:str, # folder of input images
-                out:str, # folder for the label maps (same file names)
-                model:str="tiny", # SAM architecture: vit_b, vit_l, vit_h or tiny
-                checkpoint:str=None, # checkpoint file (official SAM, micro-sam or ullsam_nb safetensors)
-                prompts:str="box", # box, point (both from --gt) or auto
-                gt:str=None, # folder of ground-truth label maps (needed for box/point prompts)
-                preset:str="default", # automatic-mode parameters: default or tuned
-                points_per_side:int=None, # automatic mode: grid points per side (overrides the preset)
-                mode:str="sam", # preprocessing: sam (longest side, pad, mean/std) or ullsam (square, [0,1])
-                device:str=None, # torch device (default: cuda > mps > cpu)
-               ) -> int:
-    "Segment a folder of images with SAM (box, point or automatic prompts); one label map per image."
-    from ullsam_nb.basics import output_folder
-    from ullsam_nb.io import check_same_size
-    files = list_images(images, masks="refuse")                 # a folder of images *and* masks is refused, not half-segmented
-    if prompts in ("box", "point"):
-        if gt is None: raise InputError(f"--prompts {prompts} needs --gt (ground-truth masks to derive prompts from)")
-        gt = Path(gt)
-        if not gt.is_dir(): raise InputError("ground-truth folder not found", gt)
-    out = output_folder(out, "--out (the label-map folder)")
-    net = build_sam(model, checkpoint=checkpoint, device=device)
-    n_inst = 0
-    for f in progress(files, desc=f"segment ({prompts})"):
-        image, gt_labels = read_image(f), None
-        if prompts in ("box", "point"):
-            g = _gt_for(f, gt); gt_labels = read_labels(g)
-            check_same_size(image.shape, gt_labels.shape, f, g)   # the same check evaluate and train make
-        labels = segment_image(net, image, prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset,
-                               points_per_side=points_per_side)
-        write_labels(out/_label_name(f), labels, tif_fallback=True)   # ids > 65535 for a .png input: .tif, with a warning
-        n_inst += len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
-    print(f"segmented {len(files)} images ({prompts} prompts, model {model}): {n_inst} instances -> {out}")
-    return 0
-
-def precompute_cmd(images:str, # folder of input images
-                   model:str="tiny", # SAM architecture: vit_b, vit_l, vit_h or tiny
-                   checkpoint:str=None, # checkpoint file (official SAM, micro-sam or ullsam_nb safetensors)
-                   mode:str="sam", # preprocessing: sam or ullsam
-                   device:str=None, # torch device (default: cuda > mps > cpu)
-                   batch_size:int=8, # images per encoder call
-                  ) -> int:
-    "Compute and cache SAM image embeddings for a folder of images."
-    files = list_images(images)
-    net = build_sam(model, checkpoint=checkpoint, device=device)
-    hits = 0
-    with progress(total=len(files), desc="embeddings") as bar:
-        for s in range(0, len(files), batch_size):
-            batch = [read_image(f) for f in files[s:s+batch_size]]
-            hits += sum(embedding_cache_path(net, im, mode=mode).exists() for im in batch)
-            embed_images(net, batch, mode=mode, batch_size=batch_size)
-            bar.update(len(batch))
-    root = cache_dir("embeddings", sam_architecture(net))
-    print(f"{len(files)} images: {len(files) - hits} embedded, {hits} already cached ({model_identity(net)}) -> {root}")
-    return 0

@@ -20,6 +20,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 TIMEOUT = 240   # seconds for each wait: a cold kernel imports torch and builds the model on a loaded CPU
 
@@ -165,10 +166,14 @@ def test_prompt_session_click_changes_the_mask(lab):
         ActionChains(d).move_to_element_with_offset(img, ox, oy).click().perform()
         how = f"clicked the picture at image pixel ({x}, {y}), inside DSB2018 nucleus {nucleus} (screen offset {ox:+.0f}, {oy:+.0f} px from its centre)"
     else:                                          # without ipyevents: type the point and press "add point"
-        for css, v in ((".e2e-prompt .widget-inline-hbox:nth-child(1) input", x), (".e2e-prompt .widget-inline-hbox:nth-child(2) input", y)):
-            box = _find(d, css); box.clear(); box.send_keys(str(v), "\n")
-        next(b for b in d.find_elements(By.CSS_SELECTOR, ".e2e-prompt button") if b.text == "add point").click()
-        how = f"typed image pixel ({x}, {y}) (nucleus {nucleus}) into x/y and clicked 'add point' (ipyevents not installed)"
+        boxes = d.find_elements(By.CSS_SELECTOR, ".e2e-prompt .widget-text input")
+        for box, v in zip(boxes[:2], (x, y)):
+            box.send_keys(Keys.CONTROL, "a"); box.send_keys(str(v), Keys.ENTER)
+        _wait("the x/y boxes to reach the kernel", lambda: _kernel_eval(d, "(session.x_box.value, session.y_box.value)") == str((x, y)))
+        button = next(b for b in d.find_elements(By.CSS_SELECTOR, ".e2e-prompt button") if b.text == "add point")
+        ActionChains(d).move_to_element(button).click().perform()
+        how = (f"typed image pixel ({x}, {y}), inside DSB2018 nucleus {nucleus}, into the x/y boxes and clicked 'add point' "
+               "(ipyevents is not installed, so the picture itself takes no clicks)")
     _wait("the mask after the click", lambda: "1 positive" in status() and "mask" in status())
     after = _wait("the displayed picture to change", lambda: (s := img.screenshot_as_png) != before and s)
     (root/"prompt_after.png").write_bytes(after)

@@ -135,3 +135,19 @@ def test_figure_lint_catches_what_it_should(tmp_path):
     assert "dpi 60 < 100" in probs and "titles overlap" in probs
     assert "100% of the image is clipped" in probs and "every bar is zero" in probs
     assert "fine" not in probs and "'bars'" not in probs, probs
+
+def save_outputs(path:Path, timeout:int=1800) -> float:
+    "Run tutorial `path` as the test does and save it with its fresh outputs (no lint cells); returns the seconds it took."
+    nb = nbformat.read(path, as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute(env=_kernel_env())
+    for c in nb.cells: c.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+    return time.perf_counter() - t0
+
+if __name__ == "__main__":
+    # Refresh the outputs saved in the tutorials (what the docs site shows), e.g. after the default model changes:
+    #   python tests/test_tutorials.py nbs/tutorials/*.ipynb && nbdev_clean
+    import sys, tempfile
+    os.environ.setdefault("ULLSAM_CACHE_DIR", tempfile.mkdtemp())
+    for p in map(Path, sys.argv[1:]): print(f"{p.name}: {save_outputs(p.resolve()):.0f} s")

@@ -32,7 +32,9 @@ def test_quick_demo_outputs(quick_run):
     assert want <= have, sorted(want - have)[:5]
     for r in m["summary"]:
         assert 0.0 <= r["mSA"] <= 1.0 and r["n_images"] >= 1
-    assert [s["key"] for s in m["stages"]] == ["stage0", "stage1", "stage2", *DEMO_MODELS]
+    assert [s["key"] for s in m["stages"]] == ["stage1", "stage2", *DEMO_MODELS]      # stage 0 is the shipped SAM: nothing to train
+    floors = {r["model"] for r in m["summary"] if r["model"].startswith("floor:")}
+    assert floors == {"floor:box", "floor:otsu_box", "floor:watershed_click"}          # the floors stand beside the models
     assert all(s["trained_steps"] >= 1 for s in m["stages"])
     assert m["wall_s"]["total_s"] > 0
     assert m["figures"] == ["overlays.png", "training_curves.png", "metric_bars_mSA.png", "metric_bars_instance_dice.png"]
@@ -54,20 +56,18 @@ def test_quick_demo_resumes(quick_run, capsys):
     assert "mSA (mean over images)" in capsys.readouterr().out
 
 
-def test_stage0_cache_is_reused(quick_run, tmp_path, monkeypatch):
-    "Stage 0 (the stand-in for a pretrained SAM) is cached: a run in another folder copies it instead of training."
-    out, _, _ = quick_run
-    from ullsam_nb.demo import stage_cache_key, run_stage
+def test_report_says_when_real_data_is_absent(tmp_path, monkeypatch):
+    "Without real data the report says so and how to point at it (instead of listing a folder that is not there)."
+    from ullsam_nb.demo import _real_line
+    import pandas as pd
     plan = demo_plan(tmp_path, quick=True)
-    stage0 = plan["stages"][0]
-    key = stage_cache_key(stage0, plan["world"])
-    monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "cache"))
-    from ullsam_nb.basics import cache_dir
-    import shutil
-    shutil.copytree(out / "stages" / "stage0", cache_dir("demo") / f"stage0-{key}")
-    rec = run_stage(stage0, tmp_path, quiet=True, cache_key=key)
-    assert rec["skipped"] and "cached_from" in rec
-    assert (tmp_path / "stages" / "stage0" / "model.safetensors").read_bytes() == (out / "stages" / "stage0" / "model.safetensors").read_bytes()
+    line = _real_line(plan, pd.DataFrame(dict(split=["in-domain"])))
+    assert "none found" in line and "--real DIR" in line and "ULLSAM_SHARED_DATA" in line
+    line = _real_line(plan, pd.DataFrame(dict(split=["real/em"])))
+    assert "CC0" in line and "em" in line
+    with pytest.raises(InputError, match="real-data folder not found"):
+        from ullsam_nb.demo import demo_eval_sets
+        demo_eval_sets(demo_plan(tmp_path, quick=True, real=str(tmp_path / "nowhere")))
 
 
 def test_paper_plan_without_running(tmp_path, capsys):
@@ -94,7 +94,8 @@ def test_paper_plan_without_running(tmp_path, capsys):
 
 def test_tiny_plan_chains_stages(tmp_path):
     st = {s["key"]: s for s in demo_plan(tmp_path, quick=True)["stages"]}
-    assert st["stage0"]["config"].mode == "baseline" and st["stage1"]["sam_from"] == "stage0"
-    assert st["baseline"]["init_from"] == "stage0"
+    assert "stage0" not in st and st["stage1"]["sam_from"] is None       # every stage starts from the shipped small SAM
+    assert st["baseline"]["init_from"] is None
     assert all(st[k]["init_from"] == "stage2" for k in ("ullsam", "ullsam_sbr", "frozen_vlk"))
-    assert all(st[k]["config"].sam == "tiny" and st[k]["config"].llm == "tiny" for k in st)
+    assert all(st[k]["config"].sam == "small" and st[k]["config"].llm == "tiny" for k in st)
+    assert all(st[k]["config"].lr == 1e-4 for k in DEMO_MODELS)           # fine-tuning a pretrained SAM gently

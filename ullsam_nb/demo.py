@@ -12,23 +12,23 @@ import torch
 from .basics import InputError, save_json, load_json, atomic_write, default_device, progress, cache_dir, hash_json
 
 # %% auto #0
-__all__ = ['IN_DOMAINS', 'OOD_DOMAINS', 'DEMO_MODELS', 'DEMO_PROTOCOLS', 'DEMO_SIZES', 'demo_plan', 'fit_real_sample',
-           'demo_world', 'demo_eval_sets', 'stage_cache_key', 'run_stage', 'evaluate_demo_models', 'paired_differences',
-           'pool_real', 'demo_figures', 'demo_table', 'write_report', 'demo_cmd']
+__all__ = ['IN_DOMAINS', 'OOD_DOMAINS', 'DEMO_MODELS', 'DEMO_PROTOCOLS', 'DEMO_SIZES', 'REAL_SOURCES', 'demo_plan',
+           'fit_real_sample', 'demo_world', 'demo_eval_sets', 'stage_cache_key', 'run_stage', 'evaluate_demo_models',
+           'paired_differences', 'pool_real', 'demo_figures', 'demo_table', 'write_report', 'demo_cmd']
 
 # %% ../nbs/19_demo.ipynb #8eaa60b2
 IN_DOMAINS = ("fluo_nuclei", "fluo_cells", "phase_contrast")     # training domains
 OOD_DOMAINS = ("em_organelles", "he_nuclei")                       # held out: out-of-domain test only
 DEMO_MODELS = ("baseline", "ullsam", "ullsam_sbr", "frozen_vlk")
-DEMO_PROTOCOLS = ("ullsam_points", "box")
+DEMO_PROTOCOLS = ("box", "point", "ullsam_points")
 
 DEMO_SIZES = {
     "quick": dict(n_train=24, n_test_in=3, n_test_ood=3, real_per_domain=1, world_size=256, batch_size=2, max_val=2,
-                  steps=dict(stage0=8, stage1=2, stage2=2, stage3=4), eval_instances=6, real_max_side=512, real_crop=256),
+                  steps=dict(stage1=2, stage2=2, stage3=4), eval_instances=6, real_max_side=4096, real_crop=256, stage3_lr=1e-4),
     "full": dict(n_train=120, n_test_in=12, n_test_ood=12, real_per_domain=3, world_size=256, batch_size=2, max_val=4,
-                 steps=dict(stage0=1000, stage1=16, stage2=16, stage3=60), eval_instances=16, real_max_side=512, real_crop=256),
+                 steps=dict(stage1=16, stage2=16, stage3=40), eval_instances=16, real_max_side=4096, real_crop=256, stage3_lr=1e-4),
     "paper": dict(n_train=3000, n_test_in=150, n_test_ood=150, real_per_domain=100, world_size=512, batch_size=None, max_val=32,
-                  steps=dict(stage0=None, stage1=None, stage2=None, stage3=None), eval_instances=None, real_max_side=2048, real_crop=1024),
+                  steps=dict(stage1=None, stage2=None, stage3=None), eval_instances=None, real_max_side=4096, real_crop=1024, stage3_lr=None),
 }
 
 # %% ../nbs/19_demo.ipynb #6f6644a5
@@ -42,11 +42,12 @@ def _stage(key:str, cfg, steps, init_from=None, sam_from=None, note:str="") -> d
 
 def demo_plan(out="demo_out",            # output folder of the run
               quick:bool=False,          # the smoke-size run (under a minute on a CPU)
-              preset:str="tiny",         # tiny (CPU, embedded tiny SAM + tiny LLM) | paper (GPU, SPEC §1 recipe)
-              sam_checkpoint:str=None,   # SAM/µSAM checkpoint: replaces stage 0 (the pretrained SAM)
+              preset:str="tiny",         # tiny (CPU: the shipped small SAM + a tiny LLM) | paper (GPU: the paper's recipe)
+              sam_checkpoint:str=None,   # SAM/µSAM checkpoint to start from (default with the tiny preset: the shipped small SAM)
               llm:str=None,              # LLM folder or model id (default: the preset's)
               seed:int=0,                # seed of the world, the splits and every stage
               device:str=None,           # torch device (default: `default_device()`)
+              real:str=None,             # folder of real pairs <domain>/images + <domain>/masks (default: the workspace's shared/data/real)
               ) -> dict:
     "Everything a demo run will do, without running it: world folders, one `TrainConfig` per stage (with what it starts from), evaluation settings."
     from ullsam_nb.train import load_config
@@ -58,27 +59,24 @@ def demo_plan(out="demo_out",            # output folder of the run
     if S["batch_size"]: common["batch_size"] = S["batch_size"]
     if sam_checkpoint: common["sam_checkpoint"] = str(sam_checkpoint)
     if llm: common["llm"] = str(llm)
-    if preset == "tiny" and not sam_checkpoint: common["sam_checkpoint"] = ""
+    if preset == "tiny" and not sam_checkpoint: common.update(sam="small", sam_checkpoint="")   # the shipped, pretrained small SAM
     cfg = lambda **kw: load_config(preset=preset, **{**common, **kw})
     caption = dict(monitor="val_loss", monitor_mode="min", epochs=1)
-    st, stages = S["steps"], []
-    if not sam_checkpoint:
-        stages.append(_stage("stage0", cfg(stage=3, mode="baseline", sam_checkpoint=""), st["stage0"],
-                             note="SAM baseline on in-domain data (stands in for a pretrained SAM)"))
-    sam0 = None if sam_checkpoint else "stage0"
+    joint = dict(lr=S["stage3_lr"]) if S["stage3_lr"] else {}     # fine-tuning a pretrained SAM: a gentler learning rate
+    st, stages, sam0 = S["steps"], [], None
     stages += [
         _stage("stage1", cfg(stage=1, mode="ullsam", **caption), st["stage1"], sam_from=sam0, note="caption pre-training (mlp1)"),
         _stage("stage2", cfg(stage=2, mode="ullsam", **caption), st["stage2"], init_from="stage1", note="caption SFT (LLM + mlp1)"),
-        _stage("baseline", cfg(stage=3, mode="baseline"), st["stage3"], init_from=sam0,
+        _stage("baseline", cfg(stage=3, mode="baseline", **joint), st["stage3"], init_from=sam0,
                note="joint stage, VLK off (SAM alone)"),
-        _stage("ullsam", cfg(stage=3, mode="ullsam"), st["stage3"], init_from="stage2", note="joint stage, the paper's model"),
-        _stage("ullsam_sbr", cfg(stage=3, mode="ullsam", sbr_loss=True), st["stage3"], init_from="stage2",
+        _stage("ullsam", cfg(stage=3, mode="ullsam", **joint), st["stage3"], init_from="stage2", note="joint stage, the paper's model"),
+        _stage("ullsam_sbr", cfg(stage=3, mode="ullsam", sbr_loss=True, **joint), st["stage3"], init_from="stage2",
                note="joint stage + SBR boundary loss (our extension)"),
-        _stage("frozen_vlk", cfg(stage=3, mode="frozen_vlk"), st["stage3"], init_from="stage2",
+        _stage("frozen_vlk", cfg(stage=3, mode="frozen_vlk", **joint), st["stage3"], init_from="stage2",
                note="joint stage, encoder/mlp1/LLM frozen, VLK cached (our extension)"),
     ]
     evaluation = dict(protocols=DEMO_PROTOCOLS, n_instances=S["eval_instances"], real_per_domain=S["real_per_domain"],
-                      real_max_side=S["real_max_side"], real_crop=S["real_crop"], seed=seed)
+                      real_max_side=S["real_max_side"], real_crop=S["real_crop"], seed=seed, real_dir=str(real) if real else "")
     world_spec = dict(folders={k: str(v) for k, v in world.items()}, in_domains=IN_DOMAINS, ood_domains=OOD_DOMAINS,
                       n_train=S["n_train"], n_test_in=S["n_test_in"], n_test_ood=S["n_test_ood"], size=S["world_size"])
     return dict(out=str(out), preset=preset, quick=quick, size=size_key, seed=seed, device=str(default_device(device)),
@@ -119,7 +117,10 @@ def demo_eval_sets(plan:dict) -> dict:
     w, ev = plan["world"], plan["evaluation"]
     sets = {"in-domain": load_pairs(folder_pairs(w["folders"]["test_in"]))[0],
             "out-of-domain": load_pairs(folder_pairs(w["folders"]["test_ood"]))[0]}
-    real = shared_real_pairs()
+    root = Path(ev["real_dir"]) if ev.get("real_dir") else None
+    if root is not None and not root.is_dir(): raise InputError("real-data folder not found (expected <domain>/images + <domain>/masks)", root)
+    real = shared_real_pairs() if root is None else [p for d in sorted(q for q in root.iterdir() if (q/"images").is_dir())
+                                                      for p in folder_pairs(d, domain=d.name)]
     for dom in sorted({p.domain for p in real}):
         pairs = [p for p in real if p.domain == dom][:ev["real_per_domain"]]
         samples = []
@@ -192,7 +193,7 @@ def evaluate_demo_models(models:dict, sets:dict, protocols=DEMO_PROTOCOLS, seed:
                          predictions:dict|None=None, quiet:bool=False) -> tuple:
     "`ULLSAM` models (name -> model) × evaluation sets (split -> samples) × protocols -> `(per_image, per_instance)`; label maps into `predictions`."
     import pandas as pd
-    from ullsam_nb.evaluate import evaluate_models
+    from ullsam_nb.evaluate import evaluate_models, evaluate_floors, FLOORS
     models = {name: m.eval() for name, m in models.items()}
     images, instances = [], []
     for split, samples in sets.items():
@@ -201,6 +202,8 @@ def evaluate_demo_models(models:dict, sets:dict, protocols=DEMO_PROTOCOLS, seed:
                                     predictions=preds, progress_bar=not quiet, cache=False)
         if preds: predictions.update({(m, split, name, p): v for (m, name, p, _), v in preds.items()})
         images.append(img.rename(columns={"dataset": "split"})); instances.append(inst.rename(columns={"dataset": "split"}))
+        fl = evaluate_floors(samples, protocols=[p for p in protocols if p in FLOORS], dataset=split, seed=seed, n_instances=n_instances)
+        images.append(fl.rename(columns={"dataset": "split"}))        # the classical floors, same images and prompts
     return pd.concat(images, ignore_index=True), pd.concat(instances, ignore_index=True)
 
 
@@ -295,6 +298,39 @@ def _md_table(df, floatfmt:str=".3f") -> str:
     return "\n".join(lines)
 
 # %% ../nbs/19_demo.ipynb #8cb0a54f
+REAL_SOURCES = ("Real images (CC0 / MIT / BSD-3): BBBC039v1 and BBBC038v1/DSB2018 (Broad Bioimage Benchmark Collection, CC0), "
+                "S-BIAD634 (Kromp et al. 2020, CC0), Usiigaci (Tsai et al. 2019, MIT), AxonDeepSeg SEM (Zaimi et al. 2018, MIT), "
+                "CEM500K (Conrad & Narayan 2021, BSD-3); details in `shared/data/real/README.md`.")
+
+def _real_line(plan:dict, per_image) -> str:
+    ev = plan["evaluation"]
+    domains = sorted({s.split("/", 1)[1] for s in per_image.split.unique() if s.startswith("real/")})
+    if not domains:
+        return ("- **Real data: none found**, so this report has synthetic results only. Point the demo at a folder of "
+                "`<domain>/images` + `<domain>/masks` with `ullsam demo --real DIR`, or set `ULLSAM_SHARED_DATA` to a folder "
+                "that holds `real/` (the toolkit also looks for `shared/data` above the working directory).")
+    return (f"- Real images: {', '.join(domains)} from `{ev.get('real_dir') or 'shared/data/real'}`, at most {ev['real_per_domain']} "
+            f"per domain, centre crop {ev['real_crop']} px at native resolution. {REAL_SOURCES}")
+
+def _floor_lines(summary) -> list:
+    "Report bullets: for each split and protocol with floors, the best floor and which models beat it (mSA)."
+    t = summary.pivot_table(index=["split", "protocol"], columns="model", values="mSA", sort=False)
+    floors = [c for c in t.columns if str(c).startswith("floor:")]
+    models = [c for c in t.columns if c not in floors]
+    if not floors: return []
+    below = []
+    for (split, protocol), row in t.iterrows():
+        f = row[floors].dropna()
+        if not len(f): continue
+        best = f.idxmax()
+        losers = [m for m in models if not row[m] > f.max()]
+        if losers: below.append(f"{split} / {protocol}: {', '.join(losers)} at or below {best} ({f.max():.3f})")
+    head = ("- Every model beats the best classical floor (the prompt box, Otsu in the box, the watershed segment under the click) "
+            "on every split and prompt protocol that has floors." if not below else
+            "- **Below a classical floor** (a model that does not beat returning the prompt box or a threshold inside it has not "
+            "learned to use the image there): " + "; ".join(below) + ".")
+    return [head]
+
 def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures:list, wall:dict) -> Path:
     "Write `out/report.md`: how the run was configured, what each stage did, the tables, the paired differences and what they mean."
     out = Path(out)
@@ -314,59 +350,45 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
          _md_table(demo_table(summary, "instance_dice")), "",
          "## Paired differences (mSA, 95% bootstrap CI over images)", "",
          "Same images and prompts for both models; an interval containing 0 means this run does not show a difference. "
-         "uLLSAM point protocol; real domains pooled (`metrics.json` has every split and the box protocol too).", ""]
-    d = diffs[(diffs.protocol == "ullsam_points") & ~diffs.split.str.startswith("real/")].copy() if len(diffs) else diffs
+         "uLLSAM point protocol, every split on its own (`metrics.json` has the other protocols too).", ""]
+    d = diffs[diffs.protocol == "ullsam_points"].copy() if len(diffs) else diffs
     if len(d):
-        d["CI"] = [f"[{a:+.3f}, {b:+.3f}]" for a, b in zip(d.lo, d.hi)]
+        d["CI"] = [f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(d.lo, d.hi)]
         d["A - B"] = [f"{a} - {b}" for a, b in zip(d.a, d.b)]
+        d["diff"] = [f"{x:+.4f}" for x in d["diff"]]
         L += [_md_table(d.set_index("split")[["protocol", "A - B", "diff", "CI", "n_images", "verdict"]]), ""]
     shown = d[d.verdict != "no difference shown"] if len(d) else d
-    s0 = next((r for r in stages if r["key"] == "stage0"), None)
     L += ["## What the numbers mean", ""]
-    if not summary["mSA"].max() > 0.01:
-        L += ["- **No model learned to segment in this run: every mSA is about 0.** The tiny SAM starts from random weights, and "
-              "for its first few hundred steps it predicts background everywhere (BCE falls, Dice stays near 0; see the training "
-              "curves). The comparisons below are therefore empty. "
-              + ("`--quick` only checks that the pipeline runs." if plan["size"] == "quick" else
-                 "This run's stage-0 budget did not get past that plateau; a longer stage 0 (raise `DEMO_SIZES['full']['steps']"
-                 "['stage0']`; the result is cached per machine) or `--sam-checkpoint` with a real SAM is needed for a "
-                 "comparison that means something.")]
+    L += _floor_lines(summary)
     cap = [r for r in stages if r["key"] in ("stage1", "stage2") and r.get("first_loss") is not None]
     if cap:
         L += [f"- Caption stages: {' and '.join(str(r['trained_steps']) for r in cap)} steps; the caption loss went from "
               f"{cap[0]['first_loss']:.2f} to {cap[-1]['last_loss']:.2f} nats per token (a uniform guess over the tiny vocabulary is "
               "about 6.9). So the MLLM has learned little about the images, and its VLK is little more than a learned projection "
               "of SAM's own embedding: do not read the VLK comparisons here as evidence for or against the method."]
-    j = {r["key"]: r for r in stages}
-    if "baseline" in j and "ullsam" in j and j["ullsam"].get("first_loss") and j["baseline"].get("first_loss"):
-        L += [f"- The VLK variants start stage 3 with a higher loss ({j['ullsam']['first_loss']:.2f} against the baseline's "
-              f"{j['baseline']['first_loss']:.2f}): the VLSA dense prompt replaces the `no_mask_embed` that stage 0's decoder was "
-              "trained with, so part of their stage-3 budget goes to re-adapting the decoder."]
-    if s0 and s0.get("val"):
-        L += [f"- Stage 0 (the stand-in for a pretrained SAM) ended with validation mSA {s0['val'].get('mSA', float('nan')):.3f} and "
-              f"Dice {s0['val'].get('dice', float('nan')):.3f} on {s0['n_val']} in-domain validation images."]
     L += [
           f"- Images per split: {', '.join(f'{k} {v}' for k, v in n_split.items())}. With this few images the intervals are wide; "
           "a difference is only reported as shown when its whole interval is on one side of 0 "
-          f"({len(shown)} of the {len(d)} comparisons in the table above).",
-          "- The models are tiny (SAM: ViT 4 blocks × 128 dims at 256 px; LLM: a 4-layer, 128-dim Llama with a small BPE tokenizer) and "
-          "trained for a few hundred optimizer steps at most on CPU. This run tests that the method's pipeline works end to end and "
-          "shows which way things move; it cannot reproduce the paper's claim (+7.7% Dice, +12.1% SA in domain with InternVL2.5-2B and a "
-          "µSAM ViT-B trained for 24 epochs on GPUs). Run `--preset paper` on a GPU for that.",
-          "- Stage 0 stands in for a pretrained SAM: every stage-3 variant starts from it and trains the same number of steps, so "
-          "the comparison isolates the VLK path (ullsam vs baseline), the boundary loss (ullsam_sbr vs ullsam) and the frozen path "
-          "(frozen_vlk).",
+          f"({len(shown)} of the {len(d)} comparisons in the table above)"
+          + (". In this run VLK makes no difference that the data can show." if len(shown) == 0 else "."),
+          "- Every variant starts from the same pretrained SAM (the toolkit's shipped `small` model, or `--sam-checkpoint`) and "
+          "trains the same number of steps, so the comparison isolates the VLK path (ullsam vs baseline), the boundary loss "
+          "(ullsam_sbr vs ullsam) and the frozen path (frozen_vlk).",
+          "- The models are small (SAM: ViT 4 blocks × 128 dims, 8-px patches, at 256 px; LLM: a 4-layer, 128-dim Llama with a small "
+          "BPE tokenizer) and fine-tuned for minutes on a CPU. This run shows the method's pipeline end to end and which way things "
+          "move; it cannot reproduce the paper's claim (+7.7% Dice, +12.1% SA in domain with InternVL2.5-2B and a µSAM ViT-B trained "
+          "for 24 epochs on GPUs). Run `--preset paper` on a GPU for that.",
           "- The synthetic captions describe the rendering parameters (domain, object count, size, touching), so the VLK can carry "
           "real information about the image; out-of-domain images have captions the model never saw.",
-          "- Real images are downscaled and cropped to the tiny SAM's scale and were never trained on: they are out-of-domain for every model.",
-          "- `box` prompts were not used in training (the joint stage uses 1 positive + 3 ring-negative points): box scores show how "
-          "well the stage-0 SAM's box behaviour survives stage 3.", ""]
+          "- Real images are cut at native resolution (a centre crop of the model's input size) and were never part of stages 1-3 "
+          "(the pretrained SAM saw the left halves of the same images: see its model card).",
+          "- Stage 3 trains with uLLSAM's prompts (1 positive + 3 ring-negative points); `box` and `point` scores show how the "
+          "pretrained SAM's prompting survives it.", ""]
     L += ["## How the run was configured", "",
           f"- World: training {w['n_train']} images of {', '.join(w['in_domains'])} (train/val split by name hash, seed "
           f"{plan['seed']}); in-domain test {w['n_test_in']} images (another seed); out-of-domain test {w['n_test_ood']} images of "
           f"{', '.join(w['ood_domains'])}; {w['size']} px.",
-          f"- Real images: `shared/data/real/<domain>`, at most {ev['real_per_domain']} per domain, downscaled to a longest side "
-          f"<= {ev['real_max_side']} px, centre crop {ev['real_crop']} px.",
+          _real_line(plan, per_image),
           f"- Evaluation protocols: {', '.join(ev['protocols'])}; seed {ev['seed']}.", "",
           "| stage | what | mode | SBR loss | steps | full epochs | batch | lr | train images | trainable params | loss first → last | last validation | wall s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -406,15 +428,16 @@ def _plan_text(plan:dict) -> str:
 
 def demo_cmd(out:str="demo_out",          # output folder: report.md, metrics.json, figures, stages/, world/
              quick:bool=False,            # smoke-size run (under a minute on a CPU), e.g. for tests
-             preset:str="tiny",           # tiny (CPU: tiny SAM + tiny LLM) | paper (GPU: SPEC §1 recipe, needs --sam-checkpoint and --llm)
-             sam_checkpoint:str=None,     # SAM/µSAM checkpoint (e.g. vit_b_em.pt): the pretrained SAM, replaces stage 0
+             preset:str="tiny",           # tiny (CPU: the shipped small SAM + a tiny LLM) | paper (GPU: the paper's recipe, needs --sam-checkpoint and --llm)
+             sam_checkpoint:str=None,     # SAM/µSAM checkpoint (e.g. vit_b_em.pt) to start from instead of the shipped small SAM
              llm:str=None,                # LLM folder or model id (e.g. OpenGVLab/InternVL2_5-2B); default: the preset's
              seed:int=0,                  # seed of the world, the splits and every stage
              device:str=None,             # torch device (default: cuda > mps > cpu)
+             real:str=None,               # folder of real pairs <domain>/images + <domain>/masks (default: the workspace's shared/data/real)
              plan_only:bool=False,        # print the plan (stages, configs, sizes) and stop: nothing is trained
              quiet:bool=False):           # no progress bars
     "Run the whole uLLSAM method end to end on the embedded synthetic world and write a report."
-    plan = demo_plan(out, quick, preset, sam_checkpoint, llm, seed, device)
+    plan = demo_plan(out, quick, preset, sam_checkpoint, llm, seed, device, real)
     if plan_only:
         print(_plan_text(plan)); return 0
     if preset == "paper" and (not sam_checkpoint or not llm):
@@ -440,7 +463,7 @@ def demo_cmd(out:str="demo_out",          # output folder: report.md, metrics.js
         wall["eval_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         summary = summarize(per_image, by=("model", "split", "protocol"), metrics=("mSA", "SA50", "SA75", "F1", "instance_dice"))
-        diffs = paired_differences(pool_real(per_image))
+        diffs = paired_differences(per_image)            # per split: the real domains are never pooled
         logs = {r["key"]: out/"stages"/r["key"]/"log.csv" for r in records}
         figures = demo_figures(out, per_image, sets, predictions, logs, seed=ev["seed"], n_instances=ev["n_instances"])
         with atomic_write(out/"per_image.csv", "w") as f: per_image.to_csv(f, index=False)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/15_evaluate.ipynb #80a49c95
 from __future__ import annotations
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
@@ -11,10 +12,14 @@ from .basics import InputError, atomic_path, save_json
 from .io import masks_to_original
 from .prompts import as_rng, sample_instance_ids, boxes_from_labels, positive_points, ullsam_prompts, check_labels
 from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS
-from .sam import embed_image, decode_prompts, prompts_to_input, masks_to_labels, automatic_segmentation
+from .io import image_to_unit
+from .sam import (embed_image, decode_prompts, prompts_to_input, masks_to_labels, automatic_segmentation,
+                           unit_uint8, prompt_extent)
+from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'protocol_prompts', 'corrective_point', 'prompted_segmentation', 'evaluate_image', 'evaluate_models',
+__all__ = ['PROTOCOLS', 'FLOORS', 'protocol_prompts', 'corrective_point', 'prompted_segmentation', 'evaluate_image', 'grey',
+           'otsu_foreground', 'distance_watershed', 'floor_prediction', 'evaluate_floors', 'evaluate_models',
            'summarize', 'save_results', 'worst_cases', 'show_worst_cases']
 
 # %% ../nbs/15_evaluate.ipynb #78b67676
@@ -56,36 +61,73 @@ def corrective_point(pred_mask, gt_mask):
     return float(c + win[1].start), float(r + win[0].start), label
 
 # %% ../nbs/15_evaluate.ipynb #1834debf
-@torch.no_grad()
-def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, n_instances:int|None=None,
-                          n_iterations:int=7, use_mask:bool=True, embedding=None, dense_prompt=None,
-                          mode:str="sam", cache=True):
-    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image (several steps if iterative)."
-    labels = check_labels(labels)
-    p = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances)
-    ids, boxes, points, plabels = p["ids"], p["boxes"], p["points"], p["point_labels"]
-    emb, info = embed_image(model, image, mode=mode, cache=cache) if embedding is None else embedding
-    steps = n_iterations + 1 if protocol.startswith("iterative") else 1
-    gt_masks = labels[None] == ids[:, None, None]
-    dev, mask_in = model.device, None
-    dp = None if dense_prompt is None else dense_prompt.to(dev)
+def _decode_steps(model, emb, info, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, decode=None):
+    "The decoder loop of one (possibly iterative) protocol in one frame: yields `(masks, scores, points, point_labels)` per step."
+    dev, mask_in, custom = model.device, None, decode is not None
+    decode = decode or (lambda *a, **k: decode_prompts(model, *a, **k))
+    n = len(gt_masks)
     for it in range(steps):
-        if len(ids) == 0:
-            yield it, np.zeros((0, *labels.shape), bool), np.zeros(0, np.float32), points, plabels; continue
         coords, lab, bx = prompts_to_input(info, points, plabels, boxes, device=dev)
-        multimask = p["multimask"] and it == 0
-        low, iou = decode_prompts(model, emb.to(dev), coords, lab, bx, mask_input=mask_in, dense_prompt=dp, multimask=multimask)
-        if multimask:
+        mm = multimask and it == 0
+        low, iou = decode(emb.to(dev), coords, lab, bx, mask_input=mask_in, dense_prompt=dp, multimask=mm)
+        if mm:
             pick = iou.argmax(1)
-            low, iou = low[torch.arange(len(ids)), pick][:, None], iou[torch.arange(len(ids)), pick][:, None]
+            low, iou = low[torch.arange(n), pick][:, None], iou[torch.arange(n), pick][:, None]
         masks = (masks_to_original(low[:, 0], info) > model.mask_threshold).cpu().numpy()
-        yield it, masks, iou[:, 0].float().cpu().numpy(), points, plabels
+        yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
         clicks = [corrective_point(m, g) or (0.0, 0.0, -1) for m, g in zip(masks, gt_masks)]
         new = np.array([[c[:2]] for c in clicks], np.float32); new_l = np.array([[c[2]] for c in clicks], np.int64)
         points = new if points is None else np.concatenate([points, new], 1)
         plabels = new_l if plabels is None else np.concatenate([plabels, new_l], 1)
-        mask_in = low if (use_mask and dp is None) else None
+        mask_in = low if (use_mask and (dp is None or custom)) else None      # a uLLSAM decode places the mask itself
+
+def _shift(a, off, idx):
+    return None if a is None else np.asarray(a, np.float32)[idx] - (np.tile(off, 2) if np.shape(a)[-1] == 4 else off)
+
+@torch.no_grad()
+def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, n_instances:int|None=None,
+                          n_iterations:int=7, use_mask:bool=True, embedding=None, dense_prompt=None,
+                          mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64, decode=None):
+    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image; a SAM tiles images larger than its input."
+    labels = check_labels(labels)
+    p = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances)
+    ids, boxes, points, plabels = p["ids"], p["boxes"], p["points"], p["point_labels"]
+    steps = n_iterations + 1 if protocol.startswith("iterative") else 1
+    if len(ids) == 0:
+        for it in range(steps): yield it, np.zeros((0, *labels.shape), bool), np.zeros(0, np.float32), points, plabels
+        return
+    gt_masks = labels[None] == ids[:, None, None]
+    dp = None if dense_prompt is None else dense_prompt.to(model.device)
+    size = model.image_encoder.img_size
+    if tile is None: tile = embedding is None and dp is None and needs_tiling(labels.shape, size)
+    if not tile:
+        emb, info = embed_image(model, image, mode=mode, cache=cache) if embedding is None else embedding
+        for it, (masks, scores, pts, pl) in enumerate(_decode_steps(model, emb, info, gt_masks, boxes, points, plabels,
+                                                                    p["multimask"], steps, use_mask, dp, decode)):
+            yield it, masks, scores, pts, pl
+        return
+    u8, H, W = unit_uint8(image), *labels.shape
+    tiles = tile_grid(labels.shape, size, overlap)
+    owner = assign_boxes(prompt_extent(boxes, points, plabels), tiles)
+    runs = []
+    for t in np.unique(owner):
+        idx = np.flatnonzero(owner == t); ys, xs = tiles[t]; off = tile_offset(tiles[t])
+        emb, info = embed_image(model, u8[ys, xs], mode=mode, cache=cache)
+        runs.append((idx, ys, xs, off, _decode_steps(model, emb, info, gt_masks[idx][:, ys, xs], _shift(boxes, off, idx),
+                                                     _shift(points, off, idx), None if plabels is None else plabels[idx],
+                                                     p["multimask"], steps, use_mask, None)))
+    for it in range(steps):
+        masks, scores = np.zeros((len(ids), H, W), bool), np.zeros(len(ids), np.float32)
+        pts_all = pl_all = None
+        for idx, ys, xs, off, run in runs:
+            m, s, pts, pl = next(run)
+            for k, i in enumerate(idx): masks[i, ys, xs] = m[k]
+            scores[idx] = s
+            if pts is not None:
+                if pts_all is None: pts_all, pl_all = np.zeros((len(ids), *pts.shape[1:]), np.float32), np.zeros((len(ids), pts.shape[1]), np.int64)
+                pts_all[idx], pl_all[idx] = pts + off, pl
+        yield it, masks, scores, pts_all, pl_all
 
 # %% ../nbs/15_evaluate.ipynb #3bf5e708
 def _image_row(gt, pred) -> dict:
@@ -94,18 +136,21 @@ def _image_row(gt, pred) -> dict:
 
 def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_points"), seed:int=0,
                    n_instances:int|None=None, n_iterations:int=7, use_mask:bool=True, dense_prompt=None,
-                   mode:str="sam", cache=True, amg:dict=None, predictions:dict=None) -> tuple:
+                   mode:str="sam", cache=True, amg:dict=None, predictions:dict=None, mask_prompt:str="replace") -> tuple:
     "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given."
     labels = check_labels(labels)
-    if hasattr(model, "prepare_image"):   # a uLLSAM model: its own preprocessing and its VLSA dense prompt (None in baseline mode)
+    ullsam = model if hasattr(model, "prepare_image") else None
+    if ullsam is not None:   # a uLLSAM model: its own preprocessing and its VLSA dense prompt (None in baseline mode)
         e, info, dense = model.prepare_image(image, cache=cache)
         emb, mode, model = (e, info), model.config.preprocess, model.sam
         if dense_prompt is None: dense_prompt = dense
+    elif needs_tiling(labels.shape, model.image_encoder.img_size): emb = None      # SAM at native resolution, tile by tile
     else: emb = embed_image(model, image, mode=mode, cache=cache)
     inst_rows, img_rows = [], []
     for protocol in protocols:
         if protocol == "auto":
-            pred = automatic_segmentation(model, image, mode=mode, cache=cache, **(amg or {}))
+            if ullsam is not None and ullsam.vlk is not None: pred = ullsam.automatic_segmentation(image, cache=cache, **(amg or {}))
+            else: pred = automatic_segmentation(model, image, mode=mode, cache=cache, **(amg or {}))
             if predictions is not None: predictions[(protocol, 0)] = pred
             ov = label_overlaps(labels, pred)
             best = np.zeros(len(ov.gt_ids)); np.maximum.at(best, ov.gt_index, ov.iou)
@@ -117,7 +162,8 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
             continue
         steps = prompted_segmentation(model, image, labels, protocol, seed=seed, n_instances=n_instances,
                                       n_iterations=n_iterations, use_mask=use_mask, embedding=emb,
-                                      dense_prompt=dense_prompt, mode=mode, cache=cache)
+                                      dense_prompt=dense_prompt, mode=mode, cache=cache,
+                                      decode=None if ullsam is None else partial(ullsam.decode, mask_prompt=mask_prompt))
         ids = sample_instance_ids(labels, n_instances, rng=as_rng(seed))   # the instances protocol_prompts draws first
         gt_masks = labels[None] == ids[:, None, None]
         for it, masks, scores, _, _ in steps:
@@ -131,6 +177,87 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
                                  instance_dice=float(d.mean()) if len(d) else np.nan,
                                  instance_iou=float(j.mean()) if len(j) else np.nan))
     return inst_rows, img_rows
+
+# %% ../nbs/15_evaluate.ipynb #dd389d64
+FLOORS = {"box": ("floor:box", "floor:otsu_box"), "point": ("floor:watershed_click",), "auto": ("floor:otsu_watershed",)}
+
+def grey(image) -> np.ndarray:
+    "The image as one float channel in [0, 1] (mean of `io.image_to_unit`'s RGB)."
+    return image_to_unit(image).mean(-1)
+
+def otsu_foreground(image, boxes=None) -> np.ndarray:
+    "Otsu foreground (bool): the side of the threshold brighter/darker inside `boxes` than outside, or the minority side."
+    from skimage.filters import threshold_otsu
+    g = grey(image)
+    if g.max() <= g.min(): return np.zeros(g.shape, bool)
+    fg = g > threshold_otsu(g)
+    if boxes is not None and len(boxes):
+        inside = np.zeros(g.shape, bool)
+        for x0, y0, x1, y1 in np.asarray(boxes).astype(int): inside[y0:y1 + 1, x0:x1 + 1] = True
+        if inside.all() or g[inside].mean() < g[~inside].mean(): fg = ~fg
+    elif fg.mean() > 0.5: fg = ~fg
+    return fg
+
+def distance_watershed(foreground:np.ndarray, min_distance:int=4) -> np.ndarray:
+    "Instances from a foreground mask: peaks of its distance transform as seeds, watershed on the negative distance."
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+    if not foreground.any(): return np.zeros(foreground.shape, np.uint32)
+    dist = ndi.distance_transform_edt(foreground)
+    comps, _ = ndi.label(foreground)
+    peaks = peak_local_max(dist, min_distance=min_distance, labels=comps, exclude_border=False)
+    markers = np.zeros(foreground.shape, np.int32); markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=foreground).astype(np.uint32)
+
+def _by_area(masks, ids, shape) -> np.ndarray:
+    masks = np.asarray(masks, bool).reshape(-1, *shape)
+    return masks_to_labels(masks, -masks.reshape(len(masks), -1).sum(1), ids=ids) if len(masks) else np.zeros(shape, np.uint32)
+
+def floor_prediction(floor:str, image, labels, seed:int=0, n_instances:int|None=None) -> np.ndarray:
+    "The label map a floor predicts for one image (ids = the prompted ground-truth ids for prompted floors)."
+    from scipy import ndimage as ndi
+    labels = check_labels(labels); shape = labels.shape
+    if floor == "floor:otsu_watershed": return distance_watershed(otsu_foreground(image))
+    proto = {"floor:box": "box", "floor:otsu_box": "box", "floor:watershed_click": "point"}.get(floor)
+    if proto is None: raise InputError(f"unknown floor {floor!r}; known: {', '.join(f for fs in FLOORS.values() for f in fs)}")
+    p = protocol_prompts(proto, labels, seed=seed, n_instances=n_instances)
+    ids, masks = p["ids"], []
+    if floor == "floor:watershed_click":
+        ws = distance_watershed(otsu_foreground(image))
+        for x, y in p["points"][:, 0].astype(int):
+            masks.append((ws == ws[y, x]) if ws[y, x] else np.zeros(shape, bool))
+        return _by_area(masks, ids, shape)
+    fg = otsu_foreground(image, p["boxes"]) if floor == "floor:otsu_box" else None
+    for x0, y0, x1, y1 in p["boxes"].astype(int):
+        m = np.zeros(shape, bool)
+        if fg is None: m[y0:y1 + 1, x0:x1 + 1] = True
+        else:
+            comp, n = ndi.label(fg[y0:y1 + 1, x0:x1 + 1])
+            if n: m[y0:y1 + 1, x0:x1 + 1] = comp == (np.argmax(np.bincount(comp.ravel())[1:]) + 1)
+        masks.append(m)
+    return _by_area(masks, ids, shape)
+
+# %% ../nbs/15_evaluate.ipynb #bdcadba1
+def evaluate_floors(samples, protocols=("box", "point", "auto"), dataset:str="", seed:int=0, n_instances:int|None=None,
+                    in_domains=None):
+    "The classical floors of `protocols` on samples: a per-image table like `evaluate_models` (`model` = the floor's name)."
+    import pandas as pd
+    rows = []
+    for k, smp in enumerate(samples):
+        pair = getattr(smp, "pair", None); domain = getattr(pair, "domain", None) or ""
+        meta = dict(dataset=dataset, domain=domain, name=getattr(pair, "name", None) or f"image{k}", iteration=0)
+        if in_domains is not None: meta["split"] = "in-domain" if domain in in_domains else "out-of-domain"
+        labels = check_labels(smp.labels)
+        for protocol in protocols:
+            for floor in FLOORS.get(protocol, ()):
+                pred = floor_prediction(floor, smp.image, labels, seed=seed, n_instances=n_instances)
+                gt = labels
+                if n_instances is not None and protocol != "auto":
+                    ids = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances)["ids"]
+                    gt = np.where(np.isin(labels, ids), labels, 0)
+                rows.append(dict(meta, model=floor, protocol=protocol, **_image_row(gt, pred)))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/15_evaluate.ipynb #a2567f52
 def evaluate_models(models:dict, samples, protocols=("box", "point", "ullsam_points"), dataset:str="", seed:int=0,

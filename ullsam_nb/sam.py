@@ -22,13 +22,14 @@ from .io import (SamInputInfo, preprocess_for_sam, masks_to_original, points_to_
                           image_to_unit, read_image, read_labels, write_labels, IMAGE_SUFFIXES, list_images)
 
 # %% auto #0
-__all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'AMG_PRESETS', 'AUTO_METHODS', 'sam_from_config',
-           'small_sam', 'weights_dir', 'pretrained_weights', 'sam_architecture', 'build_sam', 'strip_key_prefixes',
-           'read_checkpoint', 'CheckpointMismatchError', 'check_state_dict', 'load_checkpoint', 'save_model',
-           'load_model', 'model_identity', 'embedding_cache_path', 'load_cached_embedding', 'embed_images',
-           'embed_image', 'decode_prompts', 'prompts_to_input', 'segment_prompts', 'unit_uint8', 'prompt_extent',
-           'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
-           'MicroscopyMaskGenerator', 'instance_maps', 'automatic_segmentation']
+__all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'RASTER_BOX', 'RASTER_CLICK', 'RASTER_SIGMA',
+           'AMG_PRESETS', 'AUTO_METHODS', 'sam_from_config', 'small_sam', 'weights_dir', 'pretrained_weights',
+           'sam_architecture', 'build_sam', 'strip_key_prefixes', 'read_checkpoint', 'CheckpointMismatchError',
+           'check_state_dict', 'load_checkpoint', 'save_model', 'load_model', 'model_identity', 'embedding_cache_path',
+           'load_cached_embedding', 'embed_images', 'embed_image', 'prompt_raster', 'decode_prompts',
+           'prompts_to_input', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
+           'masks_to_labels', 'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
+           'automatic_segmentation']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
 TINY_CONFIG = dict(image_size=256, patch_size=16, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
@@ -61,6 +62,7 @@ def small_sam() -> Sam:
     "The toolkit's own generalist architecture: `SMALL_CONFIG` plus an `InstanceHead` as `model.instance_head`."
     model = sam_from_config(**SMALL_CONFIG)
     model.instance_head = InstanceHead(embed_dim=SMALL_CONFIG["prompt_embed_dim"])
+    model.raster_prompts = True          # boxes and clicks also reach the decoder as a dense map (`prompt_raster`)
     return model.eval()
 
 SAM_REGISTRY = {"vit_b": sam_model_registry["vit_b"], "vit_l": sam_model_registry["vit_l"],
@@ -285,11 +287,40 @@ def embed_image(model:Sam, image, mode:str="sam", cache=True) -> tuple:
     return embed_images(model, [image], mode=mode, cache=cache)[0]
 
 # %% ../nbs/08_sam.ipynb #ef443d4e
+RASTER_BOX, RASTER_CLICK, RASTER_SIGMA = 4.0, 6.0, 2.0    # box +-4 (SAM-logit scale), click blobs +-6, blob sigma in mask-grid px
+
+def prompt_raster(point_coords, point_labels, boxes, grid:int, size:int, n:int, device=None) -> torch.Tensor:
+    "Prompts (input frame) drawn on the `grid`² mask-prompt grid: `(N,1,grid,grid)`, +4/-4 in/out of the box, +6/-6 blobs at positive/negative clicks."
+    c = (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) * (size / grid)      # pixel centres of the grid cells
+    r = torch.zeros((n, 1, grid, grid), device=device)
+    if boxes is not None:
+        b = boxes.reshape(n, 4).float()
+        inside = ((c[None, None, :] >= b[:, 0, None, None]) & (c[None, None, :] <= b[:, 2, None, None] + 1) &
+                  (c[None, :, None] >= b[:, 1, None, None]) & (c[None, :, None] <= b[:, 3, None, None] + 1))
+        r[:, 0] += RASTER_BOX * (2 * inside.float() - 1)
+    if point_coords is not None:
+        xy, lab = point_coords.float(), point_labels
+        d2 = ((c[None, None, None, :] - xy[..., 0, None, None] - 0.5) ** 2 + (c[None, None, :, None] - xy[..., 1, None, None] - 0.5) ** 2)
+        blob = torch.exp(-d2 / (2 * (RASTER_SIGMA * size / grid) ** 2))                    # (N,P,grid,grid)
+        sign = (lab == 1).float() - (lab == 0).float()
+        r[:, 0] += RASTER_CLICK * (blob * sign[..., None, None]).sum(1)
+    return r
+
 def decode_prompts(model:Sam, embedding:torch.Tensor, point_coords=None, point_labels=None, boxes=None,
                    mask_input=None, dense_prompt=None, multimask:bool=False) -> tuple:
     "One mask-decoder call for N prompts in the model's input frame: `(low-res logits (N,M,4h,4w), iou predictions (N,M))`; M = 3 if `multimask` else 1."
-    if dense_prompt is not None and mask_input is not None: raise ValueError("pass either dense_prompt or mask_input, not both")
+    raster = getattr(model, "raster_prompts", False)
+    if dense_prompt is not None and mask_input is not None and not raster: raise ValueError("pass either dense_prompt or mask_input, not both")
     points = None if point_coords is None else (point_coords, point_labels)
+    if raster:      # the prompts also as a dense map, with the previous mask (if any) added at half scale
+        n = len(point_coords) if point_coords is not None else len(boxes)
+        grid = 4 * model.prompt_encoder.image_embedding_size[0]
+        r = prompt_raster(point_coords, point_labels, boxes, grid, model.image_encoder.img_size, n, embedding.device)
+        if mask_input is not None: r = r + 0.5 * torch.as_tensor(mask_input, dtype=torch.float32, device=r.device).reshape(r.shape).clamp(-8, 8)
+        if dense_prompt is not None:       # uLLSAM's dense prompt keeps its slot; the prompt map is added to it
+            dense_prompt = dense_prompt.to(embedding.device) + model.prompt_encoder.mask_downscaling(r.to(next(model.prompt_encoder.parameters()).dtype))
+            mask_input = None
+        else: mask_input = r
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
     if dense_prompt is not None:
         if dense_prompt.shape[-3:] != dense.shape[-3:]:
@@ -437,6 +468,14 @@ class CachedPredictor(SamPredictor):
         self.transform.info = info
         self.original_size, self.input_size = tuple(info.original_size), tuple(info.input_size)
         self.is_image_set = True
+
+    @torch.no_grad()
+    def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output:bool=True, return_logits:bool=False):
+        "`SamPredictor.predict_torch` through `decode_prompts`, so a model's own prompt encoding (e.g. `raster_prompts`) applies here too."
+        if not self.is_image_set: raise RuntimeError("set an image first")
+        low, iou = decode_prompts(self.model, self.features, point_coords, point_labels, boxes, mask_input=mask_input, multimask=multimask_output)
+        masks = self.model.postprocess_masks(low, self.input_size, self.original_size)
+        return (masks if return_logits else masks > self.model.mask_threshold), iou, low
 
 # %% ../nbs/08_sam.ipynb #0875082a
 def clean_small_regions(mask:np.ndarray, min_area:int) -> tuple:

@@ -18,14 +18,16 @@ from .data import folder_pairs
 from .metrics import classification_metrics, counting_errors, dice_score, instance_metrics
 from .vlm import (VLMBackend, VLMHTTPError, VLMConnectionError, get_backend, render_prompt, parse_count,
                            parse_label, parse_yes_no, append_jsonl, read_jsonl_tolerant, VLM_BACKENDS)
+from .segment import load_segmenter   # every model the toolkit segments with, one loader
+
 
 # %% auto #0
 __all__ = ['VQA_ANSWER_TYPES', 'MODALITY_OF_DOMAIN', 'MODALITY_CHOICES', 'NO_ANSWER', 'BENCH_TASKS', 'PacedVLM', 'backend_label',
            'answer_key', 'ask_items', 'classification_items', 'counting_items', 'segmentation_items', 'vqa_record',
            'load_vqa', 'synth_vqa_questions', 'make_synth_vqa', 'shipped_vqa_path', 'normalize_answer', 'vqa_prompt',
            'score_vqa', 'plot_confusion', 'plot_count_scatter', 'plot_error_by_blur', 'BenchResult', 'markdown_table',
-           'write_bench', 'bench_classification', 'load_segmenter', 'segmenter_identity', 'auto_segment', 'sam_counts',
-           'bench_counting', 'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
+           'write_bench', 'bench_classification', 'segmenter_identity', 'auto_segment', 'sam_counts', 'bench_counting',
+           'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
 
 # %% ../nbs/16_bench_vlm.ipynb #ad160fff
 class PacedVLM(VLMBackend):
@@ -301,18 +303,6 @@ def bench_classification(data, backend, out=None, labels=None, limit:int=None, *
     return BenchResult("classification", table, df, summary, {"confusion": fig})
 
 # %% ../nbs/16_bench_vlm.ipynb #86777b84
-def load_segmenter(sam:str=None, checkpoint=None):
-    "The model a benchmark segments with: registry SAM `sam`, or `checkpoint`: an official SAM / µSAM file (architecture `sam`, default vit_b), a `sam.save_model` file or folder, or a saved uLLSAM model folder."
-    from ullsam_nb.sam import build_sam, load_model
-    if checkpoint is None: return build_sam(sam or "tiny")
-    p = Path(checkpoint)
-    if not p.exists(): raise InputError("SAM checkpoint not found", p)
-    if p.is_dir() and (p/"config.json").exists() and (p/"model.safetensors").exists():
-        from ullsam_nb.model import ULLSAM
-        return ULLSAM.load(p)
-    if p.is_dir() or p.suffix == ".json" or (p.suffix == ".safetensors" and p.with_suffix(".json").exists()): return load_model(p)
-    return build_sam(sam or "vit_b", checkpoint=p)
-
 def _load_sam(sam):
     from ullsam_nb.sam import build_sam
     return build_sam(sam) if isinstance(sam, str) else sam
@@ -485,7 +475,7 @@ def bench_vlm_cmd(task:str, # classification, counting, segmentation or vqa
         kw = {k: v for k, v, ok in [("base_url", base_url, endpoint), ("api_key_env", api_key_env, endpoint), ("device", device, not endpoint)] if v and ok}
         vlm = get_backend(backend, model, **kw)
     elif task != "segmentation" and task != "counting": raise InputError(f"task {task!r} needs a VLM backend, not 'none'")
-    if sam_checkpoint is not None: sam = load_segmenter(sam, sam_checkpoint)
+    if sam_checkpoint is not None: sam = load_segmenter(sam or "small", sam_checkpoint)   # the one loader (ullsam_nb.segment)
     ask = dict(min_interval=min_interval, max_new_tokens=max_new_tokens, cache=not no_cache, on_error="skip" if skip_errors else "raise")
     if task == "classification":
         lab = [l.strip() for l in labels.split(",") if l.strip()] if labels else None

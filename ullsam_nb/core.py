@@ -6,7 +6,8 @@
 __all__ = ['MODULES']
 
 # %% ../nbs/90_core.ipynb #240ae2da
-from . import basics, io, viz, synth, data, prompts, metrics, encoder, sam, mllm, vlm, vlsa, sbr, model, train, evaluate, bench_vlm, zeus, widgets, demo
+from . import (basics, io, viz, synth, data, prompts, metrics, encoder, instance, tiling, sam, mllm, vlm, vlsa, sbr, model,
+                       train, evaluate, pretrain, segment, bench_vlm, zeus, widgets, demo)
 from .basics import *
 from .io import *
 from .viz import *
@@ -15,6 +16,8 @@ from .data import *
 from .prompts import *
 from .metrics import *
 from .encoder import *
+from .instance import *
+from .tiling import *
 from .sam import *
 from .mllm import *
 from .vlm import *
@@ -23,11 +26,14 @@ from .sbr import *
 from .model import *
 from .train import *
 from .evaluate import *
+from .pretrain import *
+from .segment import *
 from .bench_vlm import *
 from .zeus import *
 from .widgets import *
 from .demo import *
 
 # %% ../nbs/90_core.ipynb #4d19ef10
-MODULES = (basics, io, viz, synth, data, prompts, metrics, encoder, sam, mllm, vlm, vlsa, sbr, model, train, evaluate, bench_vlm, zeus, widgets, demo)
+MODULES = (basics, io, viz, synth, data, prompts, metrics, encoder, instance, tiling, sam, mllm, vlm, vlsa, sbr, model, train, evaluate,
+           pretrain, segment, bench_vlm, zeus, widgets, demo)
 __all__ = ["MODULES"] + [name for mod in MODULES for name in mod.__all__]

@@ -50,7 +50,7 @@ def instance_targets(labels, grid:int) -> np.ndarray:
     return F.adaptive_avg_pool2d(maps, grid)[0].numpy()
 
 # %% ../nbs/07a_instance.ipynb #a5090c76
-def instances_from_maps(foreground:np.ndarray, distance:np.ndarray, fg_threshold:float=0.5, seed_threshold:float=0.5,
+def instances_from_maps(foreground:np.ndarray, distance:np.ndarray, fg_threshold:float=0.5, seed_threshold:float=0.3,
                         min_area:int=8) -> np.ndarray:
     "Probability maps (H,W) -> uint32 instance label map: seeds where `distance > seed_threshold`, watershed over the foreground."
     fg = foreground > fg_threshold

@@ -541,7 +541,7 @@ def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
                            cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
-                           seed_threshold:float=0.5, min_area:int=8, tile:bool|None=None, **kwargs):
+                           seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, **kwargs):
     "Automatic instance segmentation -> (H,W) label map: `ais` (instance head + watershed; the default when the model has one) or `amg` (SAM's grid prompts)."
     method = method or ("ais" if hasattr(model, "instance_head") else "amg")
     if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")

@@ -114,3 +114,18 @@ def test_real_dsb2018_box_prompts(tmp_path):
     assert segment_cmd(tmp_path/"images", tmp_path/"pred", gt=tmp_path/"masks") == 0
     pred, gt = read_labels(tmp_path/"pred"/"n.tif"), read_labels(tmp_path/"masks"/"n.tif")
     assert pred.shape == gt.shape and set(np.unique(pred)) <= set(np.unique(gt))
+
+
+def test_cached_embeddings_do_not_depend_on_batch_size(tmp_path, monkeypatch):
+    "Batched matmuls round differently: the cache stores embeddings computed one image per encoder call, whatever --batch-size."
+    from ullsam_nb.sam import embedding_cache_path, load_cached_embedding
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (64, 80), dtype=np.uint8) for _ in range(3)]
+    m = build_sam("tiny", device="cpu", pretrained=False)
+    saved = {}
+    for bs in (1, 3):
+        monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / f"bs{bs}"))
+        from ullsam_nb.sam import embed_images
+        embed_images(m, imgs, batch_size=bs)
+        saved[bs] = [load_cached_embedding(embedding_cache_path(m, im))[0] for im in imgs]
+    for a, b in zip(saved[1], saved[3]): assert torch.equal(a, b)

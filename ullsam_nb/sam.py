@@ -260,7 +260,7 @@ def _read_cached(path, device):
 
 @torch.no_grad()
 def embed_images(model:Sam, images, mode:str="sam", cache=True, batch_size:int=8) -> list:
-    "Embeddings of many images, `[(embedding (1,C,h,w), SamInputInfo), ...]`: hits come from the cache, misses run through the encoder `batch_size` at a time."
+    "Embeddings of many images, `[(embedding (1,C,h,w), SamInputInfo), ...]`: hits come from the cache, misses run through the encoder (`batch_size` at a time when not cached)."
     from safetensors.torch import save
     size, device = model.image_encoder.img_size, model.device
     dtype = next(model.image_encoder.parameters()).dtype
@@ -271,13 +271,14 @@ def embed_images(model:Sam, images, mode:str="sam", cache=True, batch_size:int=8
         hit = _read_cached(path, device)
         results.append(hit)
         if hit is None: todo.append((i, image, path))
-    for s in range(0, len(todo), batch_size):
-        chunk = todo[s:s+batch_size]
+    step = 1 if cache else batch_size     # a cached embedding must not depend on which images shared its encoder call
+    for s in range(0, len(todo), step):
+        chunk = todo[s:s+step]
         xs, infos = zip(*(preprocess_for_sam(image, size=size, mode=mode) for _, image, _ in chunk))
         embs = model.image_encoder(torch.stack(xs).to(device, dtype)).float()
         for (i, _, path), emb, info in zip(chunk, embs, infos):
             emb = emb[None]
-            if path is not None:
+            if path is not None and torch.isfinite(emb).all():          # never cache a non-finite embedding
                 with atomic_write(path) as f: f.write(save({"embedding": emb.cpu().contiguous()}, metadata=_info_to_meta(info)))
             results[i] = (emb, info)
     return results

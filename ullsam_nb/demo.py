@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_demo.ipynb #645fce2d
 from __future__ import annotations
-import math, os, time, contextlib
+import json, math, os, time, contextlib
 from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
@@ -115,10 +115,10 @@ def demo_eval_sets(plan:dict) -> dict:
     "Evaluation sets of a plan: split name -> list of `LoadedSample` (`in-domain`, `out-of-domain`, `real/<domain>` when present)."
     from ullsam_nb.data import folder_pairs, load_pairs, shared_real_pairs, LoadedSample
     w, ev = plan["world"], plan["evaluation"]
-    sets = {"in-domain": load_pairs(folder_pairs(w["folders"]["test_in"]))[0],
-            "out-of-domain": load_pairs(folder_pairs(w["folders"]["test_ood"]))[0]}
     root = Path(ev["real_dir"]) if ev.get("real_dir") else None
     if root is not None and not root.is_dir(): raise InputError("real-data folder not found (expected <domain>/images + <domain>/masks)", root)
+    sets = {"in-domain": load_pairs(folder_pairs(w["folders"]["test_in"]))[0],
+            "out-of-domain": load_pairs(folder_pairs(w["folders"]["test_ood"]))[0]}
     real = shared_real_pairs() if root is None else [p for d in sorted(q for q in root.iterdir() if (q/"images").is_dir())
                                                       for p in folder_pairs(d, domain=d.name)]
     for dom in sorted({p.domain for p in real}):
@@ -156,7 +156,8 @@ def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> di
     marker = folder/"stage.json"
     if marker.exists():
         done = load_json(marker)
-        if done.get("config") == asdict(cfg) and done.get("steps") == stage["steps"] and (folder/"model.safetensors").exists():
+        same = done.get("config") == json.loads(json.dumps(asdict(cfg), default=str))     # compare as stored (JSON keys are strings)
+        if same and done.get("steps") == stage["steps"] and (folder/"model.safetensors").exists():
             return dict(done, skipped=True)
     cached = cache_dir("demo", f"{stage['key']}-{cache_key}", create=False) if cache_key else None
     if cached is not None and (cached/"stage.json").exists() and (cached/"model.safetensors").exists():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import random_shapes
 import ullsam_nb.synth as synth
+import ullsam_nb.shapes as shapes
 from ullsam_nb.basics import save_json
 
 def rate(fn, n):
@@ -31,7 +32,7 @@ def rate(fn, n):
 def naive_sample(domain, seed, size):
     "`synth_sample` with the per-object full-image rasteriser swapped in."
     fast = synth.rasterize
-    synth.rasterize = synth.rasterize_naive
+    synth.rasterize = shapes.rasterize_naive
     try: return synth.synth_sample(domain, seed, size=size)
     finally: synth.rasterize = fast
 

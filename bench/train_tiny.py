@@ -11,13 +11,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="8 train / 4 val images, 2 epochs")
     ap.add_argument("--set", default="", help="extra KEY=VALUE settings")
     a = ap.parse_args(argv)
-    from ullsam_nb.train import train_cmd, read_log, load_config
+    from ullsam_nb.stages import train_cmd, load_config
+    from ullsam_nb.train import read_log
     out = Path(a.out or tempfile.mkdtemp(prefix="train_tiny_"))
     extra = [f"mode={a.mode}"] + ([f"epochs={a.epochs}"] if a.epochs else []) + \
             (["max_train_images=8", "max_val_images=4", "epochs=2"] if a.quick else []) + ([a.set] if a.set else [])
     t0 = time.perf_counter()
     # epoch-0 baseline: validate the untrained model first (same prompts), for the "rising" comparison
-    from ullsam_nb.train import build_task, Trainer, _parse_set
+    from ullsam_nb.stages import build_task, _parse_set
+    from ullsam_nb.train import Trainer
     cfg = load_config(preset="tiny", **_parse_set(",".join(extra)))
     task = build_task(cfg)
     import torch

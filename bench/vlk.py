@@ -16,8 +16,9 @@ import argparse, copy, time, platform
 from pathlib import Path
 import torch
 from ullsam_nb.basics import save_json, seed_everything, default_device
-from ullsam_nb.mllm import (VLKExtractor, train_caption_tokenizer, tiny_caption_corpus, chatml_prompt, embedding_to_tokens,
-                            tokens_to_embedding, DESCRIBE_QUESTION, INTERNVL_SYSTEM_MESSAGE, IMG_CONTEXT)
+from ullsam_nb.mllm import VLKExtractor, embedding_to_tokens, tokens_to_embedding
+from ullsam_nb.tiny_llm import train_caption_tokenizer, tiny_caption_corpus
+from ullsam_nb.llm import chatml_prompt, DESCRIBE_QUESTION, INTERNVL_SYSTEM_MESSAGE, IMG_CONTEXT
 
 FULL = dict(embed=(256, 64, 64), llm=dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                                            intermediate_size=8192, vocab_size=92553, max_position_embeddings=4096))

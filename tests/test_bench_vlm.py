@@ -5,9 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from ullsam_nb.basics import InputError
-from ullsam_nb.io import read_image, read_jsonl
+from ullsam_nb.io import read_image
+from ullsam_nb.basics import read_jsonl, read_jsonl_tolerant
 from ullsam_nb.synth import make_world, make_sample_world, sample_world_dir
-from ullsam_nb.vlm import CallableVLM, image_content_hash, register_backend, VLM_BACKENDS, save_tiny_vlm, read_jsonl_tolerant
+from ullsam_nb.vlm_backend import CallableVLM, image_content_hash, save_tiny_vlm
+from ullsam_nb.vlm import register_backend, VLM_BACKENDS
 from ullsam_nb.bench_vlm import (bench_classification, bench_counting, bench_segmentation, bench_vqa, bench_vlm_cmd, write_bench,
                                  classification_items, counting_items, load_vqa, make_synth_vqa, score_vqa, shipped_vqa_path,
                                  ask_items, PacedVLM, NO_ANSWER)

@@ -60,7 +60,8 @@ def test_only_rank0_writes(ddp_run):
 SCRIPT_TINY = r'''
 import sys, torch
 from pathlib import Path
-from ullsam_nb.train import train_cmd, init_distributed
+from ullsam_nb.stages import train_cmd
+from ullsam_nb.train import init_distributed
 out, world = Path(sys.argv[1]), sys.argv[2]
 info = init_distributed("cpu")
 s = f"mode=baseline,data={world},val_data={world},max_train_images=4,max_val_images=1,batch_size=1,epochs=1,device=cpu"

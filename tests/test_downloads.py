@@ -8,8 +8,11 @@ import pytest
 import imagecodecs
 from ullsam_nb.basics import InputError, cache_dir, hash_file
 from ullsam_nb.io import encode_image, encode_labels, read_labels
-from ullsam_nb.data import (DATASET_REGISTRY, RemoteFile, DownloadError, download_file, extract_archive, fetch_dataset,
-                            download_cmd, load_pairs, folder_pairs, instance_ids, LOCK_NAME, parse_bbbc005_name)
+from ullsam_nb.datasets_registry import (DATASET_REGISTRY, RemoteFile, DownloadError, download_file, extract_archive, fetch_dataset,
+                                         download_cmd, LOCK_NAME)
+from ullsam_nb.data import load_pairs, folder_pairs
+from ullsam_nb.io import instance_ids
+from ullsam_nb.synth import parse_bbbc005_name
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

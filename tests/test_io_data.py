@@ -9,7 +9,8 @@ import tifffile
 from ullsam_nb.basics import InputError, shared_data_dir
 from ullsam_nb.io import (read_image, write_image, read_labels, write_labels, as_label_map, to_rgb, image_to_unit,
                           preprocess_for_sam, masks_to_original, masks_to_input, points_to_input, boxes_to_input,
-                          read_pair, read_jsonl, write_jsonl, ullsam_record, mask_path_for, encode_labels, decode_labels)
+                          read_pair, ullsam_record, mask_path_for, encode_labels, decode_labels)
+from ullsam_nb.basics import read_jsonl, write_jsonl
 from ullsam_nb.data import (folder_pairs, pairs_from_files, load_pairs, InstanceDataset, collate_instances, to_hf_dataset,
                             hf_example_arrays, hf_to_folder, split_of, select_split, write_manifest, manifest_pairs,
                             instance_ids, shared_real_pairs, shared_dsb2018_pairs)

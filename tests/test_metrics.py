@@ -5,7 +5,8 @@ from scipy import ndimage as ndi
 from ullsam_nb.basics import InputError, shared_data_dir
 from ullsam_nb.metrics import (SA_THRESHOLDS, iou_matrix, match_instances, instance_metrics, mean_metrics, pooled_metrics,
                                dice_score, mask_dice, mask_iou, prompted_metrics, counting_errors, classification_metrics,
-                               segmentation_accuracy, evaluate_folder, evaluate_cmd, label_pairs)
+                               segmentation_accuracy, evaluate_folder, label_pairs)
+from ullsam_nb.evaluate import evaluate_cmd
 
 THRESHOLDS = [round(0.5 + 0.05 * k, 2) for k in range(10)]
 

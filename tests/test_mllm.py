@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from ullsam_nb.basics import hash_file, seed_everything
-from ullsam_nb import mllm
+from ullsam_nb import mllm, llm as llm_mod, tiny_llm
+from ullsam_nb.basics import InputError
 from ullsam_nb.mllm import (pixel_shuffle, inverse_pixel_shuffle, embedding_to_tokens, tokens_to_embedding, VLKExtractor,
-                            load_llm, train_caption_tokenizer, build_tiny_llm, load_tiny_llm, build_tiny_mllm, cached_vlk,
-                            vlk_cache_dir, last_hidden_states, CHATML_TOKENS, IMAGE_TOKENS, IMG_CONTEXT)
+                            build_tiny_mllm, cached_vlk, vlk_cache_dir)
+from ullsam_nb.llm import load_llm, last_hidden_states, CHATML_TOKENS, IMAGE_TOKENS, IMG_CONTEXT
+from ullsam_nb.tiny_llm import train_caption_tokenizer, build_tiny_llm, load_tiny_llm
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +111,8 @@ def test_mllm_generates_from_numpy_images():
 _RUN = textwrap.dedent("""
     import sys, json, torch
     from ullsam_nb.basics import seed_everything
-    from ullsam_nb.mllm import load_tiny_llm, VLKExtractor, cached_vlk
+    from ullsam_nb.tiny_llm import load_tiny_llm
+    from ullsam_nb.mllm import VLKExtractor, cached_vlk
     llm, tok = load_tiny_llm()
     seed_everything(0)
     ext = VLKExtractor(llm, tok, embed_dim=64)
@@ -165,16 +168,16 @@ def _internlm2_reference(sd, c, x):
 
 def test_internvl_chat_checkpoint_gives_its_language_model(tmp_path):
     "InternVL2.5's layout (InternLM2 names, packed wqkv, bf16, remote-code tokenizer) -> a native LlamaForCausalLM computing what InternLM2 computes."
-    d = mllm.save_tiny_internvl(tmp_path / "InternVL2_5-2B")
+    d = tiny_llm.save_tiny_internvl(tmp_path / "InternVL2_5-2B")
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model_type"] == "internvl_chat" and cfg["llm_config"]["model_type"] == "internlm2"
-    assert mllm.llm_checkpoint_layout(d) == "internvl_chat"
+    assert llm_mod.llm_checkpoint_layout(d) == "internvl_chat"
     before = {f: hash_file(d / f) for f in os.listdir(d)}
-    with pytest.raises(mllm.InputError, match="trust_remote_code=True"): load_llm(d)
+    with pytest.raises(InputError, match="trust_remote_code=True"): load_llm(d)
     llm, tok = load_llm(d, trust_remote_code=True, dtype=torch.float32)
     assert type(llm).__name__ == "LlamaForCausalLM" and type(tok).__name__ == "InternLM2Tokenizer"
     assert llm.config.rope_parameters["rope_type"] == "dynamic" and llm.config.rope_parameters["rope_theta"] == 1e6
-    sd = {k[len("language_model."):]: v.float() for k, v in mllm.read_safetensors(d, lambda k: k.startswith("language_model.")).items()}
+    sd = {k[len("language_model."):]: v.float() for k, v in llm_mod.read_safetensors(d, lambda k: k.startswith("language_model.")).items()}
     x = torch.randn(2, 9, 64)
     with torch.no_grad():
         torch.testing.assert_close(last_hidden_states(llm, x), _internlm2_reference(sd, cfg["llm_config"], x), atol=2e-5, rtol=1e-4)
@@ -188,8 +191,8 @@ def test_internvl_chat_checkpoint_gives_its_language_model(tmp_path):
 def test_internvl_hf_checkpoint_gives_its_language_model(tmp_path):
     "transformers' native InternVL format: the text model's own class, weights from the saved checkpoint, tied head."
     from transformers import InternVLForConditionalGeneration
-    d = mllm.save_tiny_internvl(tmp_path / "internvl_hf", "internvl_hf")
-    assert mllm.llm_checkpoint_layout(d) == "internvl_hf"
+    d = tiny_llm.save_tiny_internvl(tmp_path / "internvl_hf", "internvl_hf")
+    assert llm_mod.llm_checkpoint_layout(d) == "internvl_hf"
     llm, tok = load_llm(d)
     full = InternVLForConditionalGeneration.from_pretrained(d)
     assert type(llm).__name__ == "Qwen2ForCausalLM"
@@ -207,7 +210,7 @@ def test_plain_causal_lm_still_loads(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=1)).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    assert mllm.llm_checkpoint_layout(tmp_path / "llama") == "causal_lm"
+    assert llm_mod.llm_checkpoint_layout(tmp_path / "llama") == "causal_lm"
     llm, _ = load_llm(tmp_path / "llama")
     assert type(llm).__name__ == "LlamaForCausalLM"
-    with pytest.raises(mllm.InputError, match="no config.json"): mllm.llm_checkpoint_layout(tmp_path)
+    with pytest.raises(InputError, match="no config.json"): llm_mod.llm_checkpoint_layout(tmp_path)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ullsam_nb.basics import InputError
 from ullsam_nb.cli import main
 from ullsam_nb.synth import make_world
-from ullsam_nb.train import load_config, stage_configs, check_world_size, PRESETS
+from ullsam_nb.stages import load_config, stage_configs, check_world_size, PRESETS
 
 SMALL = "max_train_images=2,max_val_images=1,batch_size=2,validate=false"
 
@@ -50,6 +50,13 @@ def test_stages_chain_each_from_the_previous(tmp_path, world, monkeypatch):
     ps = ullsam_prompts(lab, seed=0)
     masks, scores = ULLSAM.load(out / "stage3").segment(img, points=ps.points, point_labels=ps.point_labels)
     assert masks.shape == (len(ps), *lab.shape)
+    # `ullsam segment --checkpoint OUT/stage3` segments a folder with it (box prompts from the ground truth)
+    seg = tmp_path / "seg"
+    assert main(["segment", "--images", str(world / "images"), "--gt", str(world / "masks"), "--checkpoint", str(out / "stage3"),
+                 "--out", str(seg), "--prompts", "box"]) == 0
+    assert sorted(p.stem for p in seg.iterdir()) == sorted(p.stem for p in (world / "images").iterdir())
+    pred = read_labels(next(seg.iterdir()))
+    assert pred.shape == lab.shape and pred.max() > 0
     # rerunning is refused; --resume skips the finished stages
     with pytest.raises(InputError, match="already trained"): _call_train(out, world)
     mtimes = {s: (out / f"stage{s}" / "model.safetensors").stat().st_mtime_ns for s in (1, 2, 3)}
@@ -58,14 +65,14 @@ def test_stages_chain_each_from_the_previous(tmp_path, world, monkeypatch):
 
 
 def _call_train(out, world):
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     return train_cmd(str(out), preset="tiny", stages="1,2,3", data=str(world), quiet=True, set=SMALL)
 
 
 def test_resume_finishes_an_interrupted_chain(tmp_path, world, monkeypatch):
     "A chain stopped in stage 2 (stage 1 done, stage 2 not) resumes: stage 1 is not retrained, stages 2 and 3 run."
     monkeypatch.setenv("ULLSAM_QUIET", "1")
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     out = tmp_path / "OUT"
     assert train_cmd(str(out), preset="tiny", stages="1", data=str(world), max_steps=1, quiet=True, set=SMALL) == 0
     cfg = json.loads((out / "train_config.json").read_text()); cfg["stages"] = "1,2,3"          # as if stopped after stage 1
@@ -77,7 +84,7 @@ def test_resume_finishes_an_interrupted_chain(tmp_path, world, monkeypatch):
 
 
 def test_explicit_stage_runs_alone(tmp_path, world, monkeypatch):
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     out = tmp_path / "one"
     assert train_cmd(str(out), preset="tiny", stage=1, data=str(world), max_steps=1, quiet=True, set=SMALL) == 0
     assert (out / "model.safetensors").exists() and not (out / "stage1").exists()
@@ -101,7 +108,7 @@ def test_paper_preset_chains_three_stages_with_its_world_size():
 def test_llm_option_takes_an_internvl_checkpoint(tmp_path, world, monkeypatch):
     "`ullsam train --llm FOLDER` with InternVL2.5's layout: the model's LLM is the checkpoint's language model."
     monkeypatch.setenv("ULLSAM_QUIET", "1")
-    from ullsam_nb.mllm import save_tiny_internvl
+    from ullsam_nb.tiny_llm import save_tiny_internvl
     ivl = save_tiny_internvl(tmp_path / "InternVL2_5-2B")
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--stage", "3", "--llm", str(ivl), "--out", str(out), "--data", str(world),

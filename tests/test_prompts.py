@@ -177,5 +177,7 @@ def test_dtypes_and_huge_ids(dtype):
 
 def test_bad_labels():
     with pytest.raises(InputError): ullsam_prompts(np.zeros((4, 4), np.float32))
-    with pytest.raises(InputError): ullsam_prompts(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(InputError): ullsam_prompts(np.dstack([np.zeros((4, 4)), np.ones((4, 4)), np.zeros((4, 4))]).astype(np.uint8))
+    # one rule for every label map (`io.as_label_map`): a grey mask saved with equal colour channels is one map
+    assert len(ullsam_prompts(np.dstack([np.eye(4, dtype=np.uint8)] * 3)).boxes) == 1
     with pytest.raises(InputError): ullsam_prompts(-np.ones((4, 4), np.int16))

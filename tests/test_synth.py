@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ullsam_nb.basics import hash_file
-from ullsam_nb.io import read_image, read_labels, read_jsonl
+from ullsam_nb.io import read_image, read_labels
+from ullsam_nb.basics import read_jsonl
 from ullsam_nb import synth
 from ullsam_nb.synth import (ALL_DOMAINS, DOMAINS, make_world, make_sample_world, sample_world_dir, synth_sample, synth_cmd,
                              stated_facts, caption_corpus, parse_bbbc005_name, density_word, blur_word)

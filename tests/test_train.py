@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from ullsam_nb.basics import hash_file
-from ullsam_nb.train import (ToyTask, Trainer, make_config, load_config, weights_hash, warmup_cosine, str2bool, read_log)
+from ullsam_nb.train import (ToyTask, Trainer, make_config, weights_hash, warmup_cosine, str2bool, read_log)
+from ullsam_nb.stages import load_config
 
 def test_schedule_counts_optimizer_steps(tmp_path):
     cfg = make_config(epochs=2, batch_size=4, accumulation=4, lr=1e-2, warmup=0.25, monitor="score")
@@ -89,7 +90,7 @@ def _same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 def test_train_cmd_toy_max_steps_then_resume_equals_straight_run(tmp_path):
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     s = "task=toy,synth_n=64,batch_size=4,accumulation=2,epochs=4,lr=1e-2,monitor=score"
     assert train_cmd(str(tmp_path/"a"), preset="tiny", max_steps=10, set=s, quiet=True) == 0
     assert train_cmd(str(tmp_path/"a"), max_steps=20, resume=True, quiet=True) == 0
@@ -102,7 +103,7 @@ SLOW = pytest.mark.skipif(not os.environ.get("ULLSAM_SLOW"), reason="slow: set U
 
 @SLOW
 def test_train_cmd_max_steps_then_resume_equals_straight_run(tmp_path):
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     world = _tiny_world(tmp_path)
     s = f"mode=baseline,data={world},val_data={world},max_train_images=4,max_val_images=1,batch_size=1,epochs=6"
     assert train_cmd(str(tmp_path/"a"), preset="tiny", max_steps=10, set=s, quiet=True) == 0
@@ -123,15 +124,15 @@ def test_train_cmd_max_steps_then_resume_equals_straight_run(tmp_path):
 
 def test_cli_parses_false_as_false(tmp_path):
     from ullsam_nb.cli import command_parser
-    from ullsam_nb.train import train_cmd, make_config
+    from ullsam_nb.stages import train_cmd, stage_config
     for text in ("false", "False", "0"):
         kw = vars(command_parser(train_cmd, "ullsam train").parse_args(["--out", str(tmp_path), "--preset", "tiny", "--sbr-loss", text]))
-        assert make_config(sbr_loss=kw["sbr_loss"]).sbr_loss is False
+        assert stage_config(sbr_loss=kw["sbr_loss"]).sbr_loss is False
     kw = vars(command_parser(train_cmd, "ullsam train").parse_args(["--out", str(tmp_path), "--resume"]))
     assert kw["resume"] is True and kw["max_steps"] is None
 
 def test_caption_stage_trains_only_mlp1(tmp_path):
-    from ullsam_nb.train import build_task, Trainer, load_config
+    from ullsam_nb.stages import build_task, load_config
     world = _tiny_world(tmp_path)
     cfg = load_config(preset="tiny", stage=1, data=str(world), val_data=str(world), max_train_images=2, max_val_images=1,
                       batch_size=2, epochs=1, monitor="val_loss", monitor_mode="min")
@@ -145,7 +146,7 @@ def test_caption_stage_trains_only_mlp1(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("ULLSAM_SLOW"), reason="slow: set ULLSAM_SLOW=1")
 def test_ullsam_mode_resume_exact(tmp_path):
-    from ullsam_nb.train import train_cmd
+    from ullsam_nb.stages import train_cmd
     world = _tiny_world(tmp_path)
     s = f"mode=ullsam,sbr_loss=true,data={world},val_data={world},max_train_images=4,max_val_images=1,batch_size=2,epochs=3"
     train_cmd(str(tmp_path/"a"), preset="tiny", max_steps=3, set=s, quiet=True)

@@ -8,9 +8,10 @@ from PIL import Image
 
 from ullsam_nb.io import write_image
 from ullsam_nb.basics import InputError
-from ullsam_nb.vlm import (OpenAICompatibleVLM, VLMHTTPError, VLMConnectionError, TransformersVLM, save_tiny_vlm, TINY_VLM_ARCHS,
-                           get_backend, CallableVLM, TextCache, describe_folder, describe_cmd, read_jsonl_tolerant, render_prompt,
-                           load_prompt_templates, parse_count, parse_label, parse_yes_no, is_refusal, image_content_hash)
+from ullsam_nb.vlm_text import render_prompt, load_prompt_templates, parse_count, parse_label, parse_yes_no, is_refusal
+from ullsam_nb.basics import read_jsonl_tolerant
+from ullsam_nb.vlm_backend import TransformersVLM, save_tiny_vlm, TINY_VLM_ARCHS, CallableVLM, TextCache, image_content_hash
+from ullsam_nb.vlm import OpenAICompatibleVLM, VLMHTTPError, VLMConnectionError, get_backend, describe_folder, describe_cmd
 
 KEY = "sk-live-DO-NOT-LEAK-42"
 RGB = (np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8)

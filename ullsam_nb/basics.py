@@ -4,14 +4,16 @@
 
 # %% ../nbs/00_basics.ipynb #bfdef32e
 from __future__ import annotations
-import os, sys, json, hashlib, random, tempfile, contextlib, warnings
+import os, sys, json, shutil, hashlib, random, tempfile, contextlib, warnings
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'ToolError', 'InputError', 'cache_root', 'cache_dir', 'default_device', 'seed_everything', 'hash_bytes',
            'hash_file', 'hash_array', 'hash_state_dict', 'hash_json', 'WriteError', 'atomic_write', 'atomic_path',
-           'save_json', 'load_json', 'output_folder', 'output_file', 'progress', 'shared_data_dir']
+           'save_json', 'load_json', 'atomic_folder', 'read_jsonl', 'write_jsonl', 'append_jsonl',
+           'read_jsonl_tolerant', 'repair_jsonl_tail', 'output_folder', 'output_file', 'progress', 'markdown_table',
+           'torch_threads', 'shared_data_dir']
 
 # %% ../nbs/00_basics.ipynb #550e03a1
 class ToolError(Exception):
@@ -109,7 +111,6 @@ def _write_failure(e:BaseException, path:Path, in_block:bool=True):
                          ("File too large", "File too large"), ("FileTooLarge", "File too large"), ("quota exceeded", "Disk quota exceeded")):
         if text in msg: return WriteError(path, reason)          # libraries that wrap the OS error in their own (safetensors)
     if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in msg or "inline_container" in msg or "file write failed" in msg):
-        import shutil
         try: full = shutil.disk_usage(path.parent).free < 16 << 20
         except OSError: full = False
         return WriteError(path, "No space left on device" if full else "the write failed: disk full, file-size limit or I/O error")
@@ -189,6 +190,94 @@ def load_json(path):
     try: return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e: raise InputError(f"not valid JSON ({e})", path) from None
 
+# %% ../nbs/00_basics.ipynb #91a2ac95
+@contextlib.contextmanager
+def atomic_folder(out):
+    "Context manager yielding a temporary folder next to `out`; on success it replaces `out` (rename), else it is removed."
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        old = None
+        if out.exists(): old = out.with_name(f".{out.name}.old-{os.getpid()}"); os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+
+# %% ../nbs/00_basics.ipynb #7610f911
+def read_jsonl(path) -> list:
+    "Read a JSONL file into a list of dicts (blank lines skipped); a broken line is an `InputError` naming file and line."
+    path = Path(path)
+    if not path.exists(): raise InputError("file not found", path)
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError as e: raise InputError(f"line {i}: not valid JSON ({e.msg})", path) from None
+        if not isinstance(rec, dict): raise InputError(f"line {i}: expected a JSON object, got {type(rec).__name__}", path)
+        out.append(rec)
+    return out
+
+def write_jsonl(path, records) -> Path:
+    "Write records as JSONL (one object per line, UTF-8), atomically; returns the path."
+    with atomic_write(path, "w") as f:
+        for r in records: f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    return Path(path)
+
+# %% ../nbs/00_basics.ipynb #fff5384b
+def append_jsonl(path, record:dict) -> Path:
+    "Append one JSON line to `path` in a single `os.write` (crash-safe: a line is whole or skipped on reading)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1); last = f.read(1)
+            if last != b"\n": line = b"\n" + line   # a previous run was cut mid-line: start a fresh one
+        view = memoryview(line)
+        while view: view = view[os.write(fd, view):]
+    finally: os.close(fd)
+    return path
+
+def read_jsonl_tolerant(path) -> list:
+    "The JSON objects of a JSONL log, skipping (with a warning) lines a crash cut short; [] if the file is absent."
+    path = Path(path)
+    if not path.exists(): return []
+    out, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError: bad += 1; continue
+        if isinstance(rec, dict): out.append(rec)
+        else: bad += 1
+    if bad: warnings.warn(f"{path}: skipped {bad} unreadable line(s)")
+    return out
+
+# %% ../nbs/00_basics.ipynb #8042165e
+def repair_jsonl_tail(path) -> int:
+    "Cut a torn last line (no final newline, not valid JSON) off a JSONL file, as a crash mid-write leaves it; the number of bytes removed."
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0: return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        f.seek(size - 1)
+        if f.read(1) == b"\n": return 0
+        cut, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - (1 << 16)); f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0: cut = start + i + 1; break
+            pos = start
+        f.seek(cut)
+        try: json.loads(f.read().decode("utf-8")); whole = True
+        except (UnicodeDecodeError, json.JSONDecodeError): whole = False
+        if whole: f.seek(size); f.write(b"\n"); return 0
+        f.truncate(cut); f.flush(); os.fsync(f.fileno())
+        return size - cut
+
 # %% ../nbs/00_basics.ipynb #bd783984
 def output_folder(path, what:str="output folder") -> Path:
     "Check and create an output folder before any work: an existing *file* there is an `InputError`, not a traceback later."
@@ -215,6 +304,27 @@ def progress(iterable=None, desc:str="", total=None, disable=None, **kwargs):
     from tqdm.auto import tqdm
     if disable is None: disable = bool(os.environ.get("ULLSAM_QUIET"))
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kwargs)
+
+# %% ../nbs/00_basics.ipynb #45a95011
+def markdown_table(df, floatfmt:str=".3f", index:bool=False, missing:str="") -> str:
+    "A GitHub-markdown table of a DataFrame (floats formatted with `floatfmt`, NaN/None as `missing`; the index as first columns if `index`)."
+    def fmt(v):
+        if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)): return missing
+        return format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v)
+    keys = [[str(x) for x in (i if isinstance(i, tuple) else (i,))] for i in df.index] if index else [[] for _ in range(len(df))]
+    head = ([n or "" for n in df.index.names] if index else []) + [str(c) for c in df.columns]
+    rows = [head, ["---"] * len(head)] + [k + [fmt(v) for v in r] for k, r in zip(keys, df.itertuples(index=False))]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+# %% ../nbs/00_basics.ipynb #02fd5de2
+@contextlib.contextmanager
+def torch_threads(n:int|None=1):
+    "Run a block with at most `n` torch CPU threads (None: unchanged), restoring the setting after."
+    import torch
+    old = torch.get_num_threads()
+    if n: torch.set_num_threads(max(1, min(int(n), old)))
+    try: yield
+    finally: torch.set_num_threads(old)
 
 # %% ../nbs/00_basics.ipynb #7d295cbe
 def shared_data_dir(*parts:str):

@@ -4,20 +4,23 @@
 
 # %% ../nbs/16_bench_vlm.ipynb #39a88f32
 from __future__ import annotations
-import os, re, time, string, warnings
+import os, re, time, string, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
-from .basics import InputError, save_json, progress, hash_json, atomic_write
-from .io import read_image, read_labels, read_jsonl, write_jsonl, list_images
-from .viz import scatter_per_image, plot_metric_bars, save_figure, STYLE
+from .basics import (InputError, save_json, progress, hash_json, atomic_write, markdown_table, read_jsonl, write_jsonl,
+                              append_jsonl, read_jsonl_tolerant)
+from .io import read_image, read_labels, list_images, find_mask
+from .viz import scatter_per_image, plot_metric_bars, save_figure, plot_confusion, plot_count_scatter, plot_error_by_blur
 from .synth import parse_bbbc005_name, OBJECT_NAMES, blur_word
 from .data import folder_pairs
 from .metrics import classification_metrics, counting_errors, dice_score, instance_metrics
-from .vlm import (VLMBackend, VLMHTTPError, VLMConnectionError, get_backend, render_prompt, parse_count,
-                           parse_label, parse_yes_no, append_jsonl, read_jsonl_tolerant, VLM_BACKENDS)
+from .vlm_text import render_prompt, parse_count, parse_label, parse_yes_no
+from .vlm_backend import VLMBackend
+from .vlm import VLMHTTPError, VLMConnectionError, get_backend, VLM_BACKENDS
+from .sam import build_sam, model_identity, automatic_segmentation, AMG_PRESETS
 from .segment import load_segmenter   # every model the toolkit segments with, one loader
 
 
@@ -25,9 +28,9 @@ from .segment import load_segmenter   # every model the toolkit segments with, o
 __all__ = ['VQA_ANSWER_TYPES', 'MODALITY_OF_DOMAIN', 'MODALITY_CHOICES', 'NO_ANSWER', 'BENCH_TASKS', 'PacedVLM', 'backend_label',
            'answer_key', 'ask_items', 'classification_items', 'counting_items', 'segmentation_items', 'vqa_record',
            'load_vqa', 'synth_vqa_questions', 'make_synth_vqa', 'shipped_vqa_path', 'normalize_answer', 'vqa_prompt',
-           'score_vqa', 'plot_confusion', 'plot_count_scatter', 'plot_error_by_blur', 'BenchResult', 'markdown_table',
-           'write_bench', 'bench_classification', 'segmenter_identity', 'auto_segment', 'sam_counts', 'bench_counting',
-           'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa', 'bench_vlm_cmd']
+           'score_vqa', 'BenchResult', 'write_bench', 'bench_classification', 'segmenter_identity', 'auto_segment',
+           'sam_counts', 'bench_counting', 'bench_segmentation', 'vqa_items', 'transcripts_markdown', 'bench_vqa',
+           'bench_vlm_cmd']
 
 # %% ../nbs/16_bench_vlm.ipynb #ad160fff
 class PacedVLM(VLMBackend):
@@ -105,7 +108,7 @@ def counting_items(data) -> list:
     for f in list_images(data):
         try: facts = parse_bbbc005_name(f.name)
         except InputError: continue
-        m = f.parent.parent/"masks"/f.name if f.parent.name == "images" else None
+        m = find_mask(f) if f.parent.name == "images" else None
         items.append(dict(id=f.stem, image_path=str(f), **facts, mask_path=str(m) if m is not None and m.exists() else None))
     if not items: raise InputError("no image with a BBBC005-style name (..._C<count>_F<blur>_...)", data)
     return items
@@ -216,41 +219,6 @@ def score_vqa(text, item:dict) -> dict:
 # %% ../nbs/16_bench_vlm.ipynb #c8bbf163
 NO_ANSWER = "(no answer)"
 
-def plot_confusion(confusion, labels, ax=None, title:str=None):
-    "Confusion matrix (rows true, columns predicted) with counts in the cells; returns the axes."
-    cm = np.asarray(confusion); n = len(labels)
-    if ax is None: _, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n), dpi=STYLE["dpi"])
-    ax.imshow(cm, cmap="Blues", vmin=0)
-    for (i, j), v in np.ndenumerate(cm):
-        if v: ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8); ax.set_yticks(range(n), labels, fontsize=8)
-    ax.set_xlabel("predicted"); ax.set_ylabel("true")
-    if title: ax.set_title(title, fontsize=9)
-    return ax
-
-def plot_count_scatter(df, ax=None, title:str=None):
-    "Predicted vs true counts, one colour per model (`df` columns model, true, pred), with the identity line."
-    if ax is None: _, ax = plt.subplots(figsize=(4, 4), dpi=STYLE["dpi"])
-    d = df.dropna(subset=["pred"])
-    for k, (m, g) in enumerate(d.groupby("model", sort=False)): ax.scatter(g["true"], g["pred"], s=18, alpha=0.8, label=m, color=plt.get_cmap(STYLE["cmap"])(k))
-    hi = max([1.0, *df["true"].tolist(), *d["pred"].tolist()])
-    ax.plot([0, hi], [0, hi], "k--", lw=0.8); ax.set_xlabel("true count"); ax.set_ylabel("predicted count")
-    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    if title: ax.set_title(title, fontsize=9)
-    return ax
-
-def plot_error_by_blur(df, ax=None, title:str=None):
-    "Mean absolute counting error per blur level, one line per model (`df` columns model, blur_level, abs_error)."
-    if ax is None: _, ax = plt.subplots(figsize=(4.5, 3), dpi=STYLE["dpi"])
-    for m, g in df.dropna(subset=["abs_error"]).groupby("model", sort=False):
-        s = g.groupby("blur_level")["abs_error"].mean()
-        ax.plot(s.index, s.values, marker="o", ms=4, label=m)
-    ax.set_xlabel("blur level (BBBC005 F)"); ax.set_ylabel("mean |error|"); ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
-    if title: ax.set_title(title, fontsize=9)
-    return ax
-
 # %% ../nbs/16_bench_vlm.ipynb #58d4377d
 @dataclass
 class BenchResult:
@@ -260,12 +228,6 @@ class BenchResult:
     items: pd.DataFrame
     summary: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
-
-def markdown_table(df, floatfmt:str=".3f") -> str:
-    "A GitHub-markdown table of a DataFrame (floats formatted with `floatfmt`)."
-    fmt = lambda v: (format(v, floatfmt) if isinstance(v, (float, np.floating)) and not np.isnan(v) else "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    rows = [[str(c) for c in df.columns], ["---"] * len(df.columns)] + [[fmt(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 def write_bench(result:BenchResult, out) -> dict:
     "Write `results.json`, `table.csv`, `table.md`, `items.csv` and each figure as `<name>.png` to `out`; the paths."
@@ -304,12 +266,10 @@ def bench_classification(data, backend, out=None, labels=None, limit:int=None, *
 
 # %% ../nbs/16_bench_vlm.ipynb #86777b84
 def _load_sam(sam):
-    from ullsam_nb.sam import build_sam
     return build_sam(sam) if isinstance(sam, str) else sam
 
 def segmenter_identity(model) -> str:
     "Cache identity of a SAM (`model_identity`) or a uLLSAM model (mode, SAM weights, VLK path and VLSA weights)."
-    from ullsam_nb.sam import model_identity
     if not hasattr(model, "prepare_image"): return model_identity(model)
     extra = "" if model.vlk is None else f"-{hash_json([model.vlk_cache_key(), {k: v.tolist() for k, v in model.vlsa.state_dict().items()}], 12)}"
     return f"ullsam_{model.config.mode}-{model_identity(model.sam)}{extra}"
@@ -320,7 +280,6 @@ def _segmenter_label(model) -> str:
 def auto_segment(model, image, points_per_side:int=None, preset:str="default") -> np.ndarray:
     "Automatic-mode label map of a SAM or a uLLSAM model (the latter with its own dense prompt, `ULLSAM.automatic_segmentation`)."
     if hasattr(model, "automatic_segmentation"): return model.automatic_segmentation(image, preset=preset, points_per_side=points_per_side, cache=True)
-    from ullsam_nb.sam import automatic_segmentation
     return automatic_segmentation(model, image, points_per_side=points_per_side, preset=preset)
 
 def sam_counts(items:list, sam, out_jsonl=None, points_per_side:int=None, preset:str="default", quiet:bool=None) -> list:
@@ -391,7 +350,6 @@ def bench_segmentation(data, out=None, sam="tiny", presets=("default", "tuned"),
     table.insert(1, "n", df.groupby("preset", sort=False).size().values)
     figs = {"dice_bars": plot_metric_bars(df, "dice", by="preset").figure}
     if len(presets) >= 2: figs["dice_scatter"] = scatter_per_image(df, "dice", presets[0], presets[1], by="preset", key="id").figure
-    from ullsam_nb.sam import AMG_PRESETS
     summary = dict(data=str(data), model=ident, presets={p: AMG_PRESETS[p] for p in presets}, points_per_side=points_per_side)
     return BenchResult("segmentation", table.rename(columns={"preset": "model"}), df, summary, figs)
 
@@ -403,7 +361,6 @@ def vqa_items(data, out=None) -> list:
     if (data/"vqa.jsonl").exists(): return load_vqa(data/"vqa.jsonl")
     if (data/"captions.jsonl").exists():
         if out is None:
-            import tempfile
             out = tempfile.mkdtemp(prefix="ullsam_vqa_")
         return load_vqa(make_synth_vqa(data, Path(out)/"vqa.jsonl"))
     raise InputError("expected a VQA JSONL file, a folder with vqa.jsonl, or a synthetic world (captions.jsonl)", data)

@@ -6,34 +6,46 @@
 __all__ = ['MODULES']
 
 # %% ../nbs/90_core.ipynb #240ae2da
-from . import (basics, io, viz, synth, data, prompts, metrics, encoder, instance, tiling, sam, mllm, vlm, vlsa, sbr, model,
-                       train, evaluate, pretrain, segment, bench_vlm, zeus, widgets, demo)
+from . import (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling, sam, llm, tiny_llm,
+                       mllm, vlm_text, vlm_backend, vlm, vlsa, sbr, model, train, stages, evaluate, pretrain, segment, bench_vlm, zeus, zeus_instructions,
+                       zeus_data, widgets,
+                       demo)
 from .basics import *
 from .io import *
-from .viz import *
+from .shapes import *
 from .synth import *
 from .data import *
+from .datasets_registry import *
 from .prompts import *
 from .metrics import *
+from .viz import *
 from .encoder import *
 from .instance import *
 from .tiling import *
 from .sam import *
+from .llm import *
+from .tiny_llm import *
 from .mllm import *
+from .vlm_text import *
+from .vlm_backend import *
 from .vlm import *
 from .vlsa import *
 from .sbr import *
 from .model import *
 from .train import *
+from .stages import *
 from .evaluate import *
 from .pretrain import *
 from .segment import *
 from .bench_vlm import *
 from .zeus import *
+from .zeus_instructions import *
+from .zeus_data import *
 from .widgets import *
 from .demo import *
 
 # %% ../nbs/90_core.ipynb #4d19ef10
-MODULES = (basics, io, viz, synth, data, prompts, metrics, encoder, instance, tiling, sam, mllm, vlm, vlsa, sbr, model, train, evaluate,
-           pretrain, segment, bench_vlm, zeus, widgets, demo)
+MODULES = (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling, sam, llm, tiny_llm, mllm,
+           vlm_text, vlm_backend, vlm, vlsa, sbr, model, train, stages, evaluate, pretrain, segment, bench_vlm, zeus, zeus_instructions,
+           zeus_data, widgets, demo)
 __all__ = ["MODULES"] + [name for mod in MODULES for name in mod.__all__]

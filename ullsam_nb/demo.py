@@ -49,8 +49,8 @@ def demo_plan(out="demo_out",            # output folder of the run
               device:str=None,           # torch device (default: `default_device()`)
               real:str=None,             # folder of real pairs <domain>/images + <domain>/masks (default: the workspace's shared/data/real)
               ) -> dict:
-    "Everything a demo run will do, without running it: world folders, one `TrainConfig` per stage (with what it starts from), evaluation settings."
-    from ullsam_nb.train import load_config
+    "Everything a demo run will do, without running it: world folders, one `StageConfig` per stage (with what it starts from), evaluation settings."
+    from ullsam_nb.stages import load_config
     size_key = _size_key(quick, preset)
     S, out = DEMO_SIZES[size_key], Path(out)
     world = dict(train=out/"world"/"train", test_in=out/"world"/"test_in", test_ood=out/"world"/"test_ood")
@@ -150,7 +150,8 @@ def _copy_folder(src:Path, dst:Path):
 
 def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> dict:
     "Train one planned stage under `root/stages/<key>/`: skipped if `stage.json` shows it done with the same config, copied from `cache_dir('demo')` if `cache_key` is there."
-    from ullsam_nb.train import build_model, build_task, Trainer
+    from ullsam_nb.stages import build_model, build_task
+    from ullsam_nb.train import Trainer
     root = Path(root); folder = root/"stages"/stage["key"]
     cfg = stage["config"]
     marker = folder/"stage.json"
@@ -166,19 +167,13 @@ def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> di
         save_json(rec, marker)
         return dict(rec, skipped=True)
     t0 = time.perf_counter()
+    cfg = replace(cfg, steps=stage["steps"] or 0)         # a step budget (0: the config's epochs)
     if stage["init_from"]: cfg = replace(cfg, init=str(root/"stages"/stage["init_from"]))
     model = build_model(cfg)
     if stage["sam_from"]: _load_sam_into(model, root/"stages"/stage["sam_from"])
     task = build_task(cfg, model)
-    n_train, steps = len(task.train_dataset), stage["steps"]
-    if steps:
-        per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.accumulation)
-        cfg = replace(cfg, epochs=max(1, math.ceil(steps / per_epoch)), schedule_steps=steps, max_steps=steps)
-        task.cfg = cfg
+    n_train = len(task.train_dataset)
     res = Trainer(task, cfg, out=folder, quiet=quiet or None).fit()
-    if res["val"] is None and cfg.validate and hasattr(task, "validate"):   # stopped mid-epoch: validate the final weights once
-        task.model.eval()
-        with torch.no_grad(): res["val"] = {k: float(v) for k, v in (task.validate() or {}).items()} or None
     hist = res["history"]
     rec = dict(key=stage["key"], note=stage["note"], config=asdict(stage["config"]), steps=stage["steps"],
                trained_steps=res["step"], epochs=res["epoch"], status=res["status"], n_train=n_train,
@@ -214,7 +209,7 @@ def paired_differences(per_image, pairs=(("ullsam", "baseline"), ("ullsam_sbr", 
                        metric:str="mSA", level:float=0.95):
     "Per split and protocol, mean per-image `metric` difference of model A minus model B with a bootstrap CI (DataFrame)."
     import pandas as pd
-    from ullsam_nb.viz import mean_ci
+    from ullsam_nb.metrics import mean_ci
     rows = []
     for (split, protocol), g in per_image.groupby(["split", "protocol"], sort=False):
         wide = g.pivot_table(index="name", columns="model", values=metric)

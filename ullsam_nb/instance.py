@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries, watershed, relabel_sequential
 from segment_anything.modeling.common import LayerNorm2d
-from .prompts import check_labels
+from .io import as_label_map as check_labels
 
 # %% auto #0
 __all__ = ['InstanceHead', 'boundary_distance', 'instance_targets', 'instances_from_maps']
@@ -40,7 +40,7 @@ def boundary_distance(labels) -> np.ndarray:
     ids = np.unique(labels[labels > 0])
     if len(ids) == 0: return d
     peak = np.zeros(int(ids.max()) + 1, np.float32)
-    peak[ids] = ndi.maximum(d, labels, ids)
+    peak[ids] = ndi.maximum(d, labels.astype(np.intp), ids)     # scipy sizes a table by labels.max() + 2: no uint8 wrap-around
     return np.where(labels > 0, d / np.maximum(peak[labels], 1), 0).astype(np.float32)
 
 def instance_targets(labels, grid:int) -> np.ndarray:

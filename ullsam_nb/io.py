@@ -13,12 +13,12 @@ from .basics import InputError, atomic_write, atomic_path
 
 # %% auto #0
 __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', 'SAM_PIXEL_MEAN', 'SAM_PIXEL_STD', 'SAM_MODES',
-           'ULLSAM_INSTRUCTION', 'MASK_WORDS', 'select_channels', 'read_image', 'decode_image', 'image_size',
-           'encode_image', 'write_image', 'as_label_map', 'relabel_sequential', 'read_labels', 'decode_labels',
-           'encode_labels', 'write_labels', 'instance_ids', 'to_rgb', 'normalize_percentile', 'finite_image',
-           'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam', 'masks_to_original',
+           'CAPTION_INSTRUCTION', 'ULLSAM_INSTRUCTION', 'MASK_WORDS', 'select_channels', 'read_image', 'decode_image',
+           'image_size', 'encode_image', 'write_image', 'as_label_map', 'relabel_sequential', 'read_labels',
+           'decode_labels', 'encode_labels', 'write_labels', 'instance_ids', 'to_rgb', 'normalize_percentile',
+           'finite_image', 'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam', 'masks_to_original',
            'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'check_same_size', 'read_pair',
-           'ullsam_record', 'read_jsonl', 'write_jsonl', 'looks_like_mask', 'list_images']
+           'find_mask', 'ullsam_record', 'looks_like_mask', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -186,12 +186,12 @@ def as_label_map(labels, path=None) -> np.ndarray:
         if labels.shape[-1] == 1 or all(np.array_equal(labels[..., 0], labels[..., c]) for c in range(1, labels.shape[-1])):
             labels = labels[..., 0]
         else: raise InputError(f"multichannel label map (shape {labels.shape}): expected one channel of instance ids", path)
-    if labels.ndim != 2 or labels.size == 0: raise InputError(f"label map must be a non-empty (H,W) array, got shape {labels.shape}", path)
+    if labels.ndim != 2: raise InputError(f"label map must be an (H,W) array, got shape {labels.shape}", path)
     if labels.dtype == bool: return labels.astype(np.uint8)
     if labels.dtype.kind == "f": raise InputError(f"float label map ({labels.dtype}): instance ids must be integers", path)
     if labels.dtype.kind not in "iu": raise InputError(f"label map has dtype {labels.dtype}: instance ids must be integers", path)
-    if labels.dtype.kind == "i" and labels.min() < 0: raise InputError(f"negative ids in label map (min {labels.min()})", path)
-    top = int(labels.max())
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0: raise InputError(f"negative ids in label map (min {labels.min()})", path)
+    top = int(labels.max()) if labels.size else 0
     if top >= 2**32: raise InputError(f"label id {top} exceeds uint32", path)
     if labels.dtype.kind == "u" and labels.dtype.itemsize <= 4: return labels
     return labels.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)
@@ -216,6 +216,7 @@ def encode_labels(labels, suffix:str=".tif") -> bytes:
     "A label map as lossless file bytes (`.tif` up to uint32, `.png` up to 65535); JPEG is refused."
     suf = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
     labels = as_label_map(labels)
+    if labels.size == 0: raise InputError(f"zero-size label map (shape {labels.shape}): nothing to write")
     if suf in JPEG_SUFFIXES: raise InputError("JPEG is lossy and would corrupt instance ids: write label maps as .tif or .png")
     if suf in PNG_SUFFIXES:
         top = int(labels.max())
@@ -228,7 +229,7 @@ def write_labels(path, labels, tif_fallback:bool=False) -> Path:
     "Write a label map losslessly and atomically: `.tif` (up to uint32) or `.png` (ids up to 65535; with `tif_fallback`, larger ids go to `.tif` with a warning). The path written."
     path = Path(path)
     labels = as_label_map(labels, path)
-    if tif_fallback and path.suffix.lower() in PNG_SUFFIXES and int(labels.max()) >= 2**16:
+    if tif_fallback and path.suffix.lower() in PNG_SUFFIXES and labels.size and int(labels.max()) >= 2**16:
         warnings.warn(f"{path}: id {int(labels.max())} does not fit PNG (ids up to 65535): written as {path.with_suffix('.tif').name}", stacklevel=2)
         path = path.with_suffix(".tif")
     try: data = encode_labels(labels, path.suffix or ".tif")
@@ -406,33 +407,23 @@ def read_pair(image_path, mask_path=None, allow_empty:bool=False, on_error:str="
         return image, labels
     except InputError as e: return _on_error(e, on_error)
 
+# %% ../nbs/01_io.ipynb #d4efa12e
+def find_mask(image_path) -> Path:
+    "The label map of an image in the uLLSAM layout: `mask_path_for(image_path)` if it exists, else a same-stem file with another image suffix there (else the layout's path)."
+    m = mask_path_for(image_path)
+    if m.exists() or not m.parent.is_dir(): return m
+    alt = sorted(p for p in m.parent.glob(m.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return alt[0] if alt else m
+
 # %% ../nbs/01_io.ipynb #e8615a18
-ULLSAM_INSTRUCTION = "Describe the image in detail\n<image>"
+CAPTION_INSTRUCTION = "Describe the image in detail"     # uLLSAM's caption instruction, verbatim
+ULLSAM_INSTRUCTION = f"{CAPTION_INSTRUCTION}\n<image>"     # ... as the user turn: text before the image token
 
 def ullsam_record(image_path, caption:str="", domain=None, **extra) -> dict:
     "One uLLSAM JSONL record: `image_path`, the user/assistant `conversation` (caption as the answer), `domain`, and any `extra` fields."
     return {"image_path": str(image_path),
             "conversation": [{"role": "user", "content": ULLSAM_INSTRUCTION}, {"role": "assistant", "content": caption}],
             "domain": domain, **extra}
-
-def read_jsonl(path) -> list:
-    "Read a JSONL file into a list of dicts (blank lines skipped); a broken line is an `InputError` naming file and line."
-    path = Path(path)
-    if not path.exists(): raise InputError("file not found", path)
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e: raise InputError(f"line {i}: not valid JSON ({e.msg})", path) from None
-        if not isinstance(rec, dict): raise InputError(f"line {i}: expected a JSON object, got {type(rec).__name__}", path)
-        out.append(rec)
-    return out
-
-def write_jsonl(path, records) -> Path:
-    "Write records as JSONL (one object per line, UTF-8), atomically; returns the path."
-    with atomic_write(path, "w") as f:
-        for r in records: f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    return Path(path)
 
 # %% ../nbs/01_io.ipynb #9c6a5598
 MASK_WORDS = ("mask", "masks", "label", "labels", "labelmap", "gt", "groundtruth", "seg", "segmentation", "annotation", "annotations")

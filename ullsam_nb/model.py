@@ -14,15 +14,17 @@ from torch import nn
 from fastcore.basics import patch
 from .basics import InputError, atomic_path, save_json, load_json, hash_json, hash_state_dict, seed_everything
 from .io import preprocess_for_sam, SamInputInfo
-from .sam import build_sam, embed_image, decode_prompts, prompts_to_input, segment_prompts
-from .mllm import (VLKExtractor, MLLM, DESCRIBE_QUESTION, INTERNVL_SYSTEM_MESSAGE, TINY_LLM, load_llm,
-                            build_tiny_llm, tokens_to_embedding, weights_fingerprint, add_image_tokens)
+from .sam import (build_sam, embed_image, decode_prompts, prompts_to_input, segment_prompts, embedding_cache_path,
+                           decode_dense, automatic_segmentation)
+from .mllm import VLKExtractor, cached_vlk, vlk_model_key, MLLM, tokens_to_embedding, weights_fingerprint
+from .llm import DESCRIBE_QUESTION, INTERNVL_SYSTEM_MESSAGE, load_llm, add_image_tokens
+from .tiny_llm import TINY_LLM, build_tiny_llm
 from .vlsa import VLSADensePrompt
 from .sbr import segmentation_loss
 
 # %% auto #0
-__all__ = ['MODES', 'STAGES', 'PARTS', 'MASK_PROMPTS', 'stage_name', 'default_stage_parts', 'UllsamConfig', 'load_config_llm',
-           'ULLSAM', 'joint_forward', 'joint_loss', 'DensePromptPredictor']
+__all__ = ['MODES', 'STAGES', 'PARTS', 'stage_name', 'default_stage_parts', 'UllsamConfig', 'load_config_llm', 'ULLSAM',
+           'joint_forward', 'joint_loss']
 
 # %% ../nbs/13_model.ipynb #1facd753
 MODES = ("baseline", "ullsam", "frozen_vlk")
@@ -144,9 +146,9 @@ class ULLSAM(nn.Module):
         self.feature_cache_device = None    # frozen_vlk: where cached features live (None: the model's device; "cpu" for small GPUs)
 
     @classmethod
-    def from_config(cls, cfg:UllsamConfig, device=None) -> "ULLSAM":
-        "Build the model a config describes (SAM from `sam_checkpoint` if given), set to the joint stage, in eval mode."
-        sam = build_sam(cfg.sam, checkpoint=cfg.sam_checkpoint, seed=cfg.seed, fast=cfg.fast_encoder, device="cpu")
+    def from_config(cls, cfg:UllsamConfig, device=None, pretrained:bool=True) -> "ULLSAM":
+        "Build the model a config describes (SAM from `sam_checkpoint`, else its shipped weights unless `pretrained=False`), set to the joint stage, in eval mode."
+        sam = build_sam(cfg.sam, checkpoint=cfg.sam_checkpoint, seed=cfg.seed, fast=cfg.fast_encoder, device="cpu", pretrained=pretrained)
         size = sam.image_encoder.img_size
         if cfg.image_size is not None and cfg.image_size != size:
             raise InputError(f"image_size {cfg.image_size} does not match SAM '{cfg.sam}' (input {size})")
@@ -171,6 +173,17 @@ class ULLSAM(nn.Module):
     def image_size(self) -> int:
         "SAM's square input size S."
         return self.sam.image_encoder.img_size
+
+    # the rest of the segmenting interface (`ullsam_nb.sam.as_segmenter`); a VLK describes the whole image: no tiling
+    tiles = False
+    @property
+    def preprocess(self) -> str:
+        "The image preprocessing this model was trained with (`sam` or `ullsam`)."
+        return self.config.preprocess
+    @property
+    def mask_threshold(self) -> float:
+        "SAM's logit threshold for binary masks."
+        return self.sam.mask_threshold
 
 # %% ../nbs/13_model.ipynb #53b5269e
 @patch
@@ -363,10 +376,6 @@ def caption_loss(self:ULLSAM, images, captions:list) -> torch.Tensor:
     "Stages 1-2: next-token loss of `captions` given the images (image tokens spliced into the chat prompt)."
     return self.mllm()(self.pixels(images), list(captions))
 
-# %% ../nbs/13_model.ipynb #93df4a33
-from .sam import embedding_cache_path, CachedPredictor, MicroscopyMaskGenerator, AMG_PRESETS, masks_to_labels
-from .mllm import cached_vlk, vlk_model_key
-
 # %% ../nbs/13_model.ipynb #42a4a3c1
 @patch
 def vlk_cache_key(self:ULLSAM) -> str:
@@ -395,66 +404,22 @@ def prepare_image(self:ULLSAM, image, cache=False) -> tuple:
 def segment(self:ULLSAM, image, points=None, point_labels=None, boxes=None, multimask:bool=False, cache=False,
             return_logits:bool=False) -> tuple:
     "Masks of N prompted instances in original image coordinates: `(masks (N,H,W) bool, scores (N,))` (logits if `return_logits`)."
-    emb, info, dense = self.prepare_image(image, cache=cache)
-    return segment_prompts(self.sam, image, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask,
-                           embedding=(emb, info), dense_prompt=dense, return_logits=return_logits)
+    return segment_prompts(self, image, boxes=boxes, points=points, point_labels=point_labels, multimask=multimask,
+                           cache=cache, return_logits=return_logits)
 
 # %% ../nbs/13_model.ipynb #a8774d35
-MASK_PROMPTS = ("replace", "vlk_plus_mask")
-
 @patch
 def decode(self:ULLSAM, embedding:torch.Tensor, point_coords=None, point_labels=None, boxes=None, dense_prompt=None,
            mask_input=None, mask_prompt:str="replace", multimask:bool=False) -> tuple:
     "SAM's decoder with this model's dense prompt (input frame): `(low-res logits (N,M,4h,4w), iou (N,M))`; a `mask_input` replaces the VLK (`mask_prompt='replace'`) or is added to it (`'vlk_plus_mask'`)."
-    if mask_prompt not in MASK_PROMPTS: raise InputError(f"mask_prompt must be one of {MASK_PROMPTS}, not {mask_prompt!r}")
-    if mask_input is not None and dense_prompt is not None:
-        if mask_prompt == "replace": dense_prompt = None                      # SPEC §1 step 8: a mask prompt takes the dense slot
-        else:
-            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=embedding.device)
-            dense_prompt = dense_prompt.to(embedding.device) + self.sam.prompt_encoder.mask_downscaling(mask_input)
-            mask_input = None
-    return decode_prompts(self.sam, embedding, point_coords, point_labels, boxes, mask_input=mask_input,
-                          dense_prompt=dense_prompt, multimask=multimask)
-
-class DensePromptPredictor(CachedPredictor):
-    "A `CachedPredictor` for a `ULLSAM` model: the image's embedding and its VLSA dense prompt go into every decoder call (SAM's automatic mode)."
-    def __init__(self, model:ULLSAM, cache=False):
-        super().__init__(model.sam, mode=model.config.preprocess, cache=cache)
-        self.ullsam, self.dense = model, None
-
-    def set_image(self, image, image_format:str="RGB"):
-        "Embed `image` and compute its dense prompt (the whole original image, so the caches match prompted use)."
-        full = self.full_image
-        if full is not None and tuple(image.shape[:2]) == tuple(full.shape[:2]): image = full
-        self.reset_image()
-        self.features, info, self.dense = self.ullsam.prepare_image(image, cache=self.cache)
-        self.transform.info = info
-        self.original_size, self.input_size = tuple(info.original_size), tuple(info.input_size)
-        self.is_image_set = True
-
-    @torch.no_grad()
-    def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output:bool=True, return_logits:bool=False):
-        "`SamPredictor.predict_torch` with the model's dense prompt in place of `no_mask_embed`."
-        if not self.is_image_set: raise RuntimeError("set an image first")
-        low, iou = self.ullsam.decode(self.features, point_coords, point_labels, boxes, dense_prompt=self.dense,
-                                      mask_input=mask_input, multimask=multimask_output)
-        masks = self.model.postprocess_masks(low, self.input_size, self.original_size)
-        return (masks if return_logits else masks > self.model.mask_threshold), iou, low
+    return decode_dense(self.sam, embedding, point_coords, point_labels, boxes, dense_prompt=dense_prompt, mask_input=mask_input,
+                        mask_prompt=mask_prompt, multimask=multimask)
 
 @patch
-def automatic_segmentation(self:ULLSAM, image, preset:str="default", cache=False, points_per_batch:int=64,
-                           return_records:bool=False, **params):
-    "SAM's automatic mode (grid prompts, IoU/stability filters, NMS; `AMG_PRESETS` + `params`) with this model's dense prompt -> (H,W) label map."
-    if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
-    kw = {**AMG_PRESETS[preset], **{k: v for k, v in params.items() if v is not None}}
-    gen = MicroscopyMaskGenerator(self.sam, mode=self.config.preprocess, cache=cache, points_per_batch=points_per_batch, **kw)
-    gen.predictor = DensePromptPredictor(self, cache=cache)
-    records = gen.generate(image)
-    if records:
-        labels = masks_to_labels(np.stack([r["segmentation"] for r in records]),
-                                 np.array([r["predicted_iou"] * r["stability_score"] for r in records]))
-    else: labels = np.zeros(np.asarray(image).shape[:2], np.uint32)
-    return (labels, records) if return_records else labels
+def automatic_segmentation(self:ULLSAM, image, cache=False, method:str=None, **kwargs) -> np.ndarray:
+    "`ullsam_nb.sam.automatic_segmentation` of this model: SAM's grid prompts decoded with its dense prompt (`amg`); in `baseline` mode the bare SAM's default method."
+    if method is None and self.vlk is not None: method = "amg"
+    return automatic_segmentation(self, image, cache=cache, method=method, **kwargs)
 
 # %% ../nbs/13_model.ipynb #55675bcc
 @patch
@@ -485,7 +450,7 @@ def load(cls:ULLSAM, folder, device=None, **overrides) -> ULLSAM:
     if "mode" in overrides and overrides["mode"] != d.get("mode") and "stage_parts" not in overrides:
         overrides["stage_parts"] = None          # another mode: its own default freezing policy
     cfg = UllsamConfig.from_dict({**d, **overrides, "sam_checkpoint": None}, folder/"config.json")
-    model = cls.from_config(cfg)
+    model = cls.from_config(cfg, pretrained=False)          # every weight comes from the folder: no 'random weights' warning
     try: load_model(model, str(folder/"model.safetensors"), strict=True)
     except RuntimeError as e: raise InputError(f"weights do not fit the config: {str(e)[:400]}", folder/"model.safetensors") from None
     model.config.sam_checkpoint = d.get("sam_checkpoint")

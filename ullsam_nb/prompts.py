@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from .basics import InputError
-from .io import instance_ids   # the one definition of a label map's ids
+from .io import instance_ids, as_label_map   # the one definition of a label map's ids, and its validation
 
 # %% auto #0
-__all__ = ['as_rng', 'check_labels', 'instance_slices', 'sample_instance_ids', 'boxes_from_labels', 'positive_points',
-           'boundary_ring_points', 'PromptSet', 'ullsam_prompts']
+__all__ = ['as_rng', 'instance_slices', 'sample_instance_ids', 'boxes_from_labels', 'positive_points', 'boundary_ring_points',
+           'PromptSet', 'ullsam_prompts']
 
 # %% ../nbs/05_prompts.ipynb #1997fe1c
 def as_rng(rng=None) -> np.random.Generator:
@@ -20,20 +20,10 @@ def as_rng(rng=None) -> np.random.Generator:
     if isinstance(rng, np.random.Generator): return rng
     return np.random.default_rng(0 if rng is None else rng)
 
-def check_labels(labels) -> np.ndarray:
-    "`labels` as a 2-D non-negative integer array (bool becomes uint8); anything else is an `InputError`."
-    labels = np.asarray(labels)
-    if labels.dtype == bool: labels = labels.astype(np.uint8)
-    if labels.ndim != 2: raise InputError(f"expected a 2-D instance label map, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer): raise InputError(f"expected an integer label map, got dtype {labels.dtype}")
-    if labels.size and np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
-        raise InputError("label map has negative ids")
-    return labels
-
 # %% ../nbs/05_prompts.ipynb #9c50a258
 def instance_slices(labels) -> dict:
     "Bounding-box slices `{id: (rows, cols)}` of every instance (0 excluded), from one `find_objects` pass."
-    labels = check_labels(labels)
+    labels = as_label_map(labels)
     if labels.size == 0: return {}
     top = int(labels.max())
     if top == 0: return {}
@@ -52,7 +42,7 @@ def sample_instance_ids(labels, n:int|None=4, rng=None, slices:dict|None=None) -
 # %% ../nbs/05_prompts.ipynb #46bed972
 def boxes_from_labels(labels, ids=None, jitter:float=0.0, rng=None, slices:dict|None=None) -> np.ndarray:
     "Inclusive `xyxy` boxes (N,4) float32 of instances `ids` (default: all), each side optionally jittered by up to `jitter` × its size."
-    labels = check_labels(labels)
+    labels = as_label_map(labels)
     slices = instance_slices(labels) if slices is None else slices
     ids = np.array(sorted(slices), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
     boxes = np.zeros((len(ids), 4), np.float32)
@@ -76,7 +66,7 @@ def _window(shape, sl, pad:int):
     return (slice(r0, r1), slice(c0, c1)), (r0, c0)
 
 def _positive_point(labels, i, sl, erosion, rng):
-    "One positive (row, col) for instance `i` with bounding box `sl`, with the SPEC fallbacks."
+    "One positive (row, col) for instance `i` with bounding box `sl`, falling back to the centroid (or the instance pixel nearest it) when erosion leaves nothing, to the image centre for an absent id."
     if sl is None: return labels.shape[0] // 2, labels.shape[1] // 2
     win, (r0, c0) = _window(labels.shape, sl, 0)
     mask = labels[win] == i
@@ -95,7 +85,7 @@ def _positive_point(labels, i, sl, erosion, rng):
 
 def positive_points(labels, ids=None, erosion:int=10, rng=None, slices:dict|None=None) -> np.ndarray:
     "One positive point per instance (N,2) float32 xy, uniform in the instance eroded `erosion` times (4-connected cross), with fallbacks."
-    labels, rng = check_labels(labels), as_rng(rng)
+    labels, rng = as_label_map(labels), as_rng(rng)
     slices = instance_slices(labels) if slices is None else slices
     ids = np.array(sorted(slices), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
     out = np.zeros((len(ids), 2), np.float32)
@@ -123,7 +113,7 @@ def _ring_candidates(labels, i, sl, inner, outer, dilation):
 def boundary_ring_points(labels, ids=None, n:int=3, inner:float=9.0, outer:float=11.0, rng=None,
                          dilation:int=10, slices:dict|None=None) -> np.ndarray:
     "`n` negative points per instance (N,n,2) float32 xy, uniform in the ring `inner <= distance <= outer` px outside the instance (SBR)."
-    labels, rng = check_labels(labels), as_rng(rng)
+    labels, rng = as_label_map(labels), as_rng(rng)
     slices = instance_slices(labels) if slices is None else slices
     ids = np.array(sorted(slices), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
     out = np.full((len(ids), n, 2), np.nan, np.float32)
@@ -147,7 +137,7 @@ class PromptSet:
 def ullsam_prompts(labels, n_instances:int|None=4, n_negative:int=3, seed=0, erosion:int=10,
                    inner:float=9.0, outer:float=11.0, ids=None) -> PromptSet:
     "uLLSAM's prompts for one label map: up to `n_instances` instances (or exactly `ids`), each with 1 positive + `n_negative` ring negatives, and boxes."
-    labels = check_labels(labels)
+    labels = as_label_map(labels)
     rng, slices = as_rng(seed), instance_slices(labels)
     if ids is None: ids = sample_instance_ids(labels, n_instances, rng=rng, slices=slices)
     else: ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -23,12 +23,13 @@ from .io import (SamInputInfo, preprocess_for_sam, masks_to_original, points_to_
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'RASTER_BOX', 'RASTER_CLICK', 'RASTER_SIGMA',
-           'AMG_PRESETS', 'AUTO_METHODS', 'sam_from_config', 'small_sam', 'weights_dir', 'pretrained_weights',
-           'sam_architecture', 'build_sam', 'strip_key_prefixes', 'read_checkpoint', 'CheckpointMismatchError',
-           'check_state_dict', 'load_checkpoint', 'save_model', 'load_model', 'model_identity', 'embedding_cache_path',
-           'load_cached_embedding', 'embed_images', 'embed_image', 'prompt_raster', 'decode_prompts',
-           'prompts_to_input', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
-           'masks_to_labels', 'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
+           'MASK_PROMPTS', 'AMG_PRESETS', 'AUTO_METHODS', 'sam_from_config', 'small_sam', 'weights_dir',
+           'pretrained_weights', 'sam_architecture', 'build_sam', 'strip_key_prefixes', 'read_checkpoint',
+           'CheckpointMismatchError', 'check_state_dict', 'load_checkpoint', 'save_model', 'load_model',
+           'model_identity', 'embedding_cache_path', 'load_cached_embedding', 'embed_images', 'embed_image',
+           'prompt_raster', 'decode_prompts', 'decode_dense', 'SamSegmenter', 'as_segmenter', 'prompts_to_input',
+           'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels',
+           'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
            'automatic_segmentation']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
@@ -330,6 +331,49 @@ def decode_prompts(model:Sam, embedding:torch.Tensor, point_coords=None, point_l
     return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
 
+# %% ../nbs/08_sam.ipynb #ea362041
+MASK_PROMPTS = ("replace", "vlk_plus_mask")
+
+def decode_dense(model:Sam, embedding:torch.Tensor, point_coords=None, point_labels=None, boxes=None, dense_prompt=None,
+                 mask_input=None, mask_prompt:str="replace", multimask:bool=False) -> tuple:
+    "`decode_prompts` with a dense prompt and a mask prompt settled: the mask replaces the dense prompt (`'replace'`) or is added to it (`'vlk_plus_mask'`)."
+    if mask_prompt not in MASK_PROMPTS: raise InputError(f"mask_prompt must be one of {MASK_PROMPTS}, not {mask_prompt!r}")
+    if mask_input is not None and dense_prompt is not None:
+        if mask_prompt == "replace": dense_prompt = None                      # a mask prompt takes the dense slot
+        else:
+            mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=embedding.device)
+            dense_prompt = dense_prompt.to(embedding.device) + model.prompt_encoder.mask_downscaling(mask_input)
+            mask_input = None
+    return decode_prompts(model, embedding, point_coords, point_labels, boxes, mask_input=mask_input,
+                          dense_prompt=dense_prompt, multimask=multimask)
+
+# %% ../nbs/08_sam.ipynb #3e11a91e
+class SamSegmenter:
+    "A segment-anything `Sam` with its preprocessing behind the segmenting interface that `ULLSAM` also has."
+    tiles = True          # large images are segmented tile by tile at native resolution
+    def __init__(self, sam:Sam, preprocess:str="sam"): self.sam, self.preprocess = sam, preprocess
+    @property
+    def image_size(self) -> int: return self.sam.image_encoder.img_size
+    @property
+    def device(self) -> torch.device: return self.sam.device
+    @property
+    def mask_threshold(self) -> float: return self.sam.mask_threshold
+    def prepare_image(self, image, cache=True) -> tuple:
+        "`(embedding (1,C,h,w), SamInputInfo, None)`: a bare SAM has no dense prompt."
+        return (*embed_image(self.sam, image, mode=self.preprocess, cache=cache), None)
+    def decode(self, embedding, point_coords=None, point_labels=None, boxes=None, dense_prompt=None, mask_input=None,
+               mask_prompt:str="replace", multimask:bool=False) -> tuple:
+        "`decode_dense` on this SAM: `(low-res logits (N,M,4h,4w), iou (N,M))`."
+        return decode_dense(self.sam, embedding, point_coords, point_labels, boxes, dense_prompt=dense_prompt,
+                            mask_input=mask_input, mask_prompt=mask_prompt, multimask=multimask)
+    def automatic_segmentation(self, image, cache=True, **kwargs) -> np.ndarray:
+        "`automatic_segmentation` of this SAM with its preprocessing."
+        return automatic_segmentation(self, image, cache=cache, **kwargs)
+
+def as_segmenter(model, mode:str="sam"):
+    "`model` behind the segmenting interface: a `Sam` wrapped with preprocessing `mode`; a `ULLSAM` (which has the members itself) as it is."
+    return SamSegmenter(model, mode) if isinstance(model, Sam) else model
+
 # %% ../nbs/08_sam.ipynb #e75a08f2
 def _as_tensor(a, device, dtype=torch.float32):
     return torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=dtype, device=device)
@@ -352,19 +396,22 @@ def prompts_to_input(info:SamInputInfo, points=None, point_labels=None, boxes=No
     return coords, labels, bx
 
 @torch.no_grad()
-def segment_prompts(model:Sam, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
+def segment_prompts(model, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
                     embedding=None, info:SamInputInfo=None, dense_prompt=None, mask_input=None, best:bool=True,
                     mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32, tile:bool|None=None,
-                    overlap:int=64) -> tuple:
-    "Segment N instances of `image` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; large images are tiled."
+                    overlap:int=64, mask_prompt:str="replace") -> tuple:
+    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images."
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
-    if tile is None: tile = embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), model.image_encoder.img_size)
-    if tile: return segment_prompts_tiled(model, image, boxes, points, point_labels, multimask=multimask, best=best, mode=mode,
+    seg = as_segmenter(model, mode)
+    if tile is None: tile = seg.tiles and embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), seg.image_size)
+    if tile: return segment_prompts_tiled(seg, image, boxes, points, point_labels, multimask=multimask, best=best, mode=mode,
                                           cache=cache, return_logits=return_logits, overlap=overlap)
-    if embedding is None: embedding, info = embed_image(model, image, mode=mode, cache=cache)
+    if embedding is None:
+        embedding, info, own = seg.prepare_image(image, cache=cache)
+        if dense_prompt is None: dense_prompt = own
     elif isinstance(embedding, tuple): embedding, info = embedding
-    if info is None: info = preprocess_for_sam(np.asarray(image), size=model.image_encoder.img_size, mode=mode)[1]
-    dev = model.device
+    if info is None: info = preprocess_for_sam(np.asarray(image), size=seg.image_size, mode=seg.preprocess)[1]
+    dev = seg.device
     coords, labels, bx = prompts_to_input(info, points, point_labels, boxes, device=dev)
     n = len(coords) if coords is not None else len(bx)
     H, W = info.original_size
@@ -374,7 +421,7 @@ def segment_prompts(model:Sam, image, boxes=None, points=None, point_labels=None
         return torch.zeros(shape, dtype=torch.float32 if return_logits else torch.bool), torch.zeros((0, 3) if m else (0,))
     dp = None if dense_prompt is None else dense_prompt.to(dev)
     mi = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32).to(dev)
-    low, iou = decode_prompts(model, embedding.to(dev), coords, labels, bx, mask_input=mi, dense_prompt=dp, multimask=multimask)
+    low, iou = seg.decode(embedding.to(dev), coords, labels, bx, mask_input=mi, dense_prompt=dp, mask_prompt=mask_prompt, multimask=multimask)
     if multimask and best:
         pick, rows = iou.argmax(1), torch.arange(n, device=iou.device)
         low, iou = low[rows, pick][:, None], iou[rows, pick][:, None]
@@ -383,7 +430,7 @@ def segment_prompts(model:Sam, image, boxes=None, points=None, point_labels=None
     for s in range(0, n, chunk):
         part = low[s:s+chunk].flatten(0, 1)
         up = masks_to_original(part, info).reshape(-1, M, H, W)
-        outs.append(up.float().cpu() if return_logits else (up > model.mask_threshold).cpu())
+        outs.append(up.float().cpu() if return_logits else (up > seg.mask_threshold).cpu())
     masks, scores = torch.cat(outs), iou.float().cpu()
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
     return masks, scores
@@ -401,12 +448,12 @@ def prompt_extent(boxes=None, points=None, point_labels=None) -> np.ndarray:
     pos = np.where((lab == 1)[..., None] | ~(lab == 1).any(1)[:, None, None], pts, np.nan)
     return np.concatenate([np.nanmin(pos, 1), np.nanmax(pos, 1)], 1)
 
-def segment_prompts_tiled(model:Sam, image, boxes=None, points=None, point_labels=None, multimask:bool=False, best:bool=True,
+def segment_prompts_tiled(model, image, boxes=None, points=None, point_labels=None, multimask:bool=False, best:bool=True,
                           mode:str="sam", cache=True, return_logits:bool=False, overlap:int=64) -> tuple:
     "`segment_prompts` at native resolution: each prompt is decoded in the tile that holds its box (or points) with the widest margin."
     u8 = unit_uint8(image)
     H, W = u8.shape[:2]
-    tiles = tile_grid(u8.shape, model.image_encoder.img_size, overlap)
+    tiles = tile_grid(u8.shape, as_segmenter(model, mode).image_size, overlap)
     extent = prompt_extent(boxes, points, point_labels)
     owner = assign_boxes(extent, tiles)
     M = 3 if (multimask and not best) else 1
@@ -456,25 +503,27 @@ class _InputFrame:
     def apply_boxes(self, boxes, original_size): return np.asarray(boxes_to_input(np.asarray(boxes, np.float32).reshape(-1, 4), self.info)).reshape(-1, 4)
 
 class CachedPredictor(SamPredictor):
-    "A `SamPredictor` whose `set_image` takes the embedding from `embed_image` (disk cache, sam/ullsam preprocessing)."
-    def __init__(self, model:Sam, mode:str="sam", cache=True, full_image=None):
-        super().__init__(model)
-        self.mode, self.cache, self.full_image, self.transform = mode, cache, full_image, _InputFrame()
+    "A `SamPredictor` for a SAM or uLLSAM model through the segmenting interface: cached embeddings, the model's dense prompt in every decoder call."
+    def __init__(self, model, mode:str="sam", cache=True, full_image=None):
+        self.segmenter = as_segmenter(model, mode)
+        super().__init__(self.segmenter.sam)
+        self.mode, self.cache, self.full_image, self.transform, self.dense = mode, cache, full_image, _InputFrame(), None
     def set_image(self, image, image_format:str="RGB"):
-        "Embed `image` (the whole image is embedded from its original array so the cache key matches prompted use)."
+        "Embed `image` and compute its dense prompt (from the whole original array, so the caches match prompted use)."
         full = self.full_image
         if full is not None and tuple(image.shape[:2]) == tuple(full.shape[:2]): image = full
         self.reset_image()
-        self.features, info = embed_image(self.model, image, mode=self.mode, cache=self.cache)
+        self.features, info, self.dense = self.segmenter.prepare_image(image, cache=self.cache)
         self.transform.info = info
         self.original_size, self.input_size = tuple(info.original_size), tuple(info.input_size)
         self.is_image_set = True
 
     @torch.no_grad()
     def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output:bool=True, return_logits:bool=False):
-        "`SamPredictor.predict_torch` through `decode_prompts`, so a model's own prompt encoding (e.g. `raster_prompts`) applies here too."
+        "`SamPredictor.predict_torch` through the model's `decode`: its dense prompt and its own prompt encoding (e.g. `raster_prompts`) apply here too."
         if not self.is_image_set: raise RuntimeError("set an image first")
-        low, iou = decode_prompts(self.model, self.features, point_coords, point_labels, boxes, mask_input=mask_input, multimask=multimask_output)
+        low, iou = self.segmenter.decode(self.features, point_coords, point_labels, boxes, dense_prompt=self.dense, mask_input=mask_input,
+                                         multimask=multimask_output)
         masks = self.model.postprocess_masks(low, self.input_size, self.original_size)
         return (masks if return_logits else masks > self.model.mask_threshold), iou, low
 
@@ -489,9 +538,9 @@ def clean_small_regions(mask:np.ndarray, min_area:int) -> tuple:
     return out, bool((out != mask).any())
 
 class MicroscopyMaskGenerator(SamAutomaticMaskGenerator):
-    "`SamAutomaticMaskGenerator` fed by `embed_image` (cached embeddings) with a scikit-image small-region clean-up."
-    def __init__(self, model:Sam, mode:str="sam", cache=True, min_mask_region_area:int=0, **kwargs):
-        super().__init__(model, min_mask_region_area=0, **kwargs)
+    "`SamAutomaticMaskGenerator` for a SAM or uLLSAM model (cached embeddings, its dense prompt) with a scikit-image small-region clean-up."
+    def __init__(self, model, mode:str="sam", cache=True, min_mask_region_area:int=0, **kwargs):
+        super().__init__(as_segmenter(model, mode).sam, min_mask_region_area=0, **kwargs)
         self.min_mask_region_area = min_mask_region_area
         self.predictor = CachedPredictor(model, mode=mode, cache=cache)
 
@@ -538,23 +587,24 @@ def instance_maps(model:Sam, image, mode:str="sam", cache=True, tile:bool|None=N
     probs = head(emb.to(w.device, w.dtype), x[None].to(w.device, w.dtype)).float().sigmoid()[0]
     return masks_to_original(probs, info).cpu().numpy()
 
-def automatic_segmentation(model:Sam, image, points_per_side:int=None, pred_iou_thresh:float=None,
+def automatic_segmentation(model, image, points_per_side:int=None, pred_iou_thresh:float=None,
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
                            cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
                            seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, **kwargs):
-    "Automatic instance segmentation -> (H,W) label map: `ais` (instance head + watershed; the default when the model has one) or `amg` (SAM's grid prompts)."
-    method = method or ("ais" if hasattr(model, "instance_head") else "amg")
+    "Automatic instance segmentation by a SAM or uLLSAM -> (H,W) label map: `ais` (instance head + watershed; the default when the SAM has one) or `amg` (SAM's grid prompts, decoded with the model's dense prompt)."
+    seg = as_segmenter(model, mode)
+    method = method or ("ais" if hasattr(seg.sam, "instance_head") else "amg")
     if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")
     if method == "ais":
-        fg, dist = instance_maps(model, image, mode=mode, cache=cache, tile=tile)
+        fg, dist = instance_maps(seg.sam, image, mode=seg.preprocess, cache=cache, tile=tile)
         labels = instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
         return (labels, []) if return_records else labels
     if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
     given = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
                  min_mask_region_area=min_mask_region_area, box_nms_thresh=box_nms_thresh, crop_n_layers=crop_n_layers)
     params = {**AMG_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}, **kwargs}
-    gen = MicroscopyMaskGenerator(model, mode=mode, cache=cache, points_per_batch=points_per_batch, **params)
+    gen = MicroscopyMaskGenerator(seg, cache=cache, points_per_batch=points_per_batch, **params)
     records = gen.generate(image)
     image = np.asarray(image)
     if records:

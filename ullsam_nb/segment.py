@@ -10,7 +10,7 @@ import numpy as np
 from .basics import InputError, progress, cache_dir, output_folder
 from .io import read_image, read_labels, write_labels, list_images, check_same_size
 from .prompts import instance_ids, boxes_from_labels, positive_points
-from .sam import (SAM_REGISTRY, build_sam, load_model, read_checkpoint, segment_prompts, automatic_segmentation,
+from .sam import (as_segmenter, SAM_REGISTRY, build_sam, load_model, read_checkpoint, segment_prompts, automatic_segmentation,
                            masks_to_labels, embed_images, embedding_cache_path, model_identity, sam_architecture, unit_uint8)
 from .tiling import needs_tiling, tile_grid
 from .model import ULLSAM
@@ -54,18 +54,15 @@ def load_segmenter(model:str="small", checkpoint=None, device=None, random_init:
 def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam", preset:str="default", cache=True,
                   tile:bool=True, **auto_kwargs) -> np.ndarray:
     "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model."
-    ullsam = isinstance(model, ULLSAM)
-    if prompts == "auto":
-        if ullsam: return model.automatic_segmentation(image, preset=preset, cache=cache, **auto_kwargs)
-        return automatic_segmentation(model, image, preset=preset, mode=mode, cache=cache, tile=None if tile else False, **auto_kwargs)
+    seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface
+    if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False, **auto_kwargs)
     if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
     if gt_labels is None: raise InputError(f"{prompts} prompts need ground-truth masks (--gt)")
     ids = instance_ids(gt_labels)
     if len(ids) == 0: return np.zeros(np.asarray(image).shape[:2], np.uint32)
     kw = dict(boxes=boxes_from_labels(gt_labels, ids)) if prompts == "box" else \
          dict(points=positive_points(gt_labels, ids, rng=np.random.default_rng(0)), multimask=True)
-    if ullsam: masks, scores = model.segment(image, cache=cache, **kw)
-    else: masks, scores = segment_prompts(model, image, mode=mode, cache=cache, tile=None if tile else False, **kw)
+    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, **kw)
     return masks_to_labels(masks, scores, ids=ids)
 
 # %% ../nbs/15b_segment.ipynb #0ca17bc4

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import color
-from .basics import InputError, progress
-from .io import write_image, write_labels, write_jsonl, ullsam_record
+from .basics import InputError, progress, write_jsonl
+from .io import write_image, write_labels, ullsam_record
+from .shapes import (Raster, make_objects, rasterize, smooth_noise, illumination_field, add_noise, blur, to_uint8,
+                              smoothstep, linear_upsample)
 
 # %% auto #0
 __all__ = ['DOMAINS', 'COUNTING_DOMAINS', 'ALL_DOMAINS', 'CONTROLS', 'DOMAIN_RANGES', 'STAINS', 'BBBC005_BLUR_LEVELS',
            'RENDERERS', 'OBJECT_NAMES', 'OPENERS', 'COUNT_SENTENCES', 'SIZE_CLAUSES', 'APPROX', 'SAMPLE_WORLD',
-           'check_domain', 'domain_rng', 'Objects', 'random_outlines', 'place_centres', 'make_objects', 'Raster',
-           'rasterize', 'rasterize_naive', 'linear_upsample', 'smooth_noise', 'illumination_field', 'add_noise', 'blur',
-           'to_uint8', 'smoothstep', 'bbbc005_sigma', 'resolve_params', 'label_edges', 'per_object', 'soft_inside',
+           'check_domain', 'domain_rng', 'bbbc005_sigma', 'resolve_params', 'label_edges', 'per_object', 'soft_inside',
            'render_fluo_nuclei', 'render_fluo_cells', 'render_phase_contrast', 'render_em_organelles',
            'render_he_nuclei', 'render_bbbc005', 'measure_facts', 'size_word', 'density_word', 'blur_word',
            'contrast_word', 'touching_phrase', 'count_phrase', 'make_caption', 'caption_corpus', 'stated_facts',
@@ -40,152 +40,6 @@ def domain_rng(domain:str, seed:int, stream:int=0) -> np.random.Generator:
     "The generator for one image: seeded by (seed, domain, stream); stream 0 draws pixels, 1 draws caption wording."
     if int(seed) < 0: raise InputError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng([int(seed), ALL_DOMAINS.index(check_domain(domain)), stream])
-
-# %% ../nbs/03_synth.ipynb #65060a9c
-@dataclass
-class Objects:
-    "Star-shaped objects: integer centres, semi-axes `a` >= `b` (px), orientation `phi` (rad), outline harmonics `harm` (N,4)."
-    cy: np.ndarray; cx: np.ndarray; a: np.ndarray; b: np.ndarray; phi: np.ndarray; harm: np.ndarray
-    def __len__(self): return len(self.cy)
-    def extent(self) -> np.ndarray:
-        "Largest distance (px) from an object's centre to its outline."
-        return self.a * (1 + np.abs(self.harm).sum(1))
-
-def random_outlines(rng:np.random.Generator, n:int, radius:float, aspect:float=1.0, irregularity:float=0.0, size_jitter:float=0.15):
-    "Semi-axes, orientations and outline harmonics for `n` objects of mean equivalent radius `radius` px."
-    r = radius * np.clip(1 + size_jitter*rng.standard_normal(n), 0.5, 1.6)
-    asp = np.maximum(1.0, aspect * np.clip(1 + 0.15*rng.standard_normal(n), 0.7, 1.3))
-    a, b = r*np.sqrt(asp), r/np.sqrt(asp)
-    phi = rng.uniform(0, np.pi, n)
-    amp = irregularity * np.array([0.14, 0.14, 0.09, 0.09]) * rng.uniform(0.3, 1.0, (n, 4))
-    harm = amp * np.where(rng.random((n, 4)) < 0.5, -1.0, 1.0)
-    b = np.maximum(b, 1.2 / (1 - np.abs(harm).sum(1)))       # at least ~1 px half-width everywhere: no pixel-thin necks
-    return np.maximum(a, b), b, phi, harm
-
-def place_centres(rng:np.random.Generator, shape, r:np.ndarray, extent:np.ndarray, touching:float, rounds:int=16, chunk:int=256):
-    "Random placement in vectorised rounds: object i is kept when its centre keeps a spacing that shrinks from `2 max(extent_i, extent_j) + 2` (touching 0) to `0.55 (r_i + r_j)` (touching 1) from every kept or earlier candidate."
-    H, W = shape; t = float(np.clip(touching, 0, 1))
-    kept = np.zeros(0, int); ky = kx = np.zeros(0); todo = np.arange(len(r))
-    spacing = lambda i, j: np.maximum((1-t)*(2*np.maximum(extent[i][:, None], extent[j][None]) + 2) + t*0.55*(r[i][:, None] + r[j][None]), 2.0)
-    for _ in range(rounds):
-        if not len(todo): break
-        ys, xs = rng.integers(0, H, len(todo)).astype(float), rng.integers(0, W, len(todo)).astype(float)
-        left = []
-        for c0 in range(0, len(todo), chunk):                 # chunks bound the candidate x candidate matrix
-            idx, y, x = todo[c0:c0+chunk], ys[c0:c0+chunk], xs[c0:c0+chunk]
-            ok = ~((y[:, None] - ky[None])**2 + (x[:, None] - kx[None])**2 < spacing(idx, kept)**2).any(1)
-            clash = np.triu((y[:, None] - y[None])**2 + (x[:, None] - x[None])**2 < spacing(idx, idx)**2, 1) & ok[:, None] & ok[None]
-            ok &= ~clash.any(0)                               # a candidate yields to any earlier clashing candidate
-            kept, ky, kx = np.r_[kept, idx[ok]], np.r_[ky, y[ok]], np.r_[kx, x[ok]]
-            left.append(idx[~ok])
-        todo = np.concatenate(left)
-    order = np.argsort(kept, kind="stable")
-    return kept[order], ky[order].astype(np.intp), kx[order].astype(np.intp)
-
-def make_objects(rng:np.random.Generator, shape, n:int, radius:float, aspect:float=1.0, irregularity:float=0.0, touching:float=0.0) -> Objects:
-    "Draw `n` shapes and place them; objects that do not fit are dropped (the label map is the truth, not `n`)."
-    a, b, phi, harm = random_outlines(rng, n, radius, aspect, irregularity)
-    ext = a * (1 + np.abs(harm).sum(1))
-    kept, cy, cx = place_centres(rng, shape, np.sqrt(a*b), ext, touching)
-    return Objects(cy, cx, a[kept], b[kept], phi[kept], harm[kept])
-
-# %% ../nbs/03_synth.ipynb #25c46967
-def _outline_terms(u, v, harm_k):
-    "Outline factor h(theta) = 1 + sum of harmonics 2 and 3, from the object-frame coordinates without any trigonometry per pixel."
-    r = np.sqrt(u*u + v*v); r[r == 0] = 1
-    c, s = u/r, v/r
-    c2, s2 = c*c - s*s, 2*c*s
-    c3, s3 = c*c2 - s*s2, s*c2 + c*s2
-    return 1 + harm_k[0]*c2 + harm_k[1]*s2 + harm_k[2]*c3 + harm_k[3]*s3
-
-@dataclass
-class Raster:
-    "Objects drawn on the pixel grid: `labels` (0 = background), the nearest object's index `owner`, the normalised radius `rho` (0 at its centre, 1 on its outline) and its major-axis coordinate `u` (px)."
-    labels: np.ndarray; owner: np.ndarray; rho: np.ndarray; u: np.ndarray
-
-def rasterize(objs:Objects, shape) -> Raster:
-    "Draw all objects at once: each pixel belongs to its nearest centre (one distance transform) and is inside when its `rho` < 1."
-    H, W = shape; n = len(objs)
-    if n == 0: return Raster(np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.full(shape, np.inf, np.float32), np.zeros(shape, np.float32))
-    seeds = np.ones(shape, bool); seeds[objs.cy, objs.cx] = False
-    iy, ix = ndi.distance_transform_edt(seeds, return_distances=False, return_indices=True)  # nearest centre per pixel
-    owner = np.zeros(shape, np.int32); owner[objs.cy, objs.cx] = np.arange(n)
-    k = owner[iy, ix]
-    dy = (np.arange(H, dtype=np.int32)[:, None] - iy).astype(np.float32)
-    dx = (np.arange(W, dtype=np.int32)[None, :] - ix).astype(np.float32)
-    table = np.concatenate([np.cos(objs.phi)[:, None], np.sin(objs.phi)[:, None], 1/objs.a[:, None], 1/objs.b[:, None], objs.harm], 1).astype(np.float32)
-    p = [np.take(col, k) for col in table.T]                     # per-pixel parameters of the owning object
-    u, v = dx*p[0] + dy*p[1], dy*p[0] - dx*p[1]
-    h = _outline_terms(u, v, p[4:])
-    rho = np.sqrt((u*p[2])**2 + (v*p[3])**2) / h
-    labels = np.where(rho < 1, k + 1, 0).astype(np.int32)
-    return Raster(labels, k, rho, u)
-
-def rasterize_naive(objs:Objects, shape) -> Raster:
-    "Reference path for the benchmark: every object is tested against every pixel of the image (objects x pixels work)."
-    H, W = shape
-    Y, X = np.mgrid[:H, :W].astype(np.float32)
-    best = np.full(shape, np.inf, np.float32); labels = np.zeros(shape, np.int32); owner = np.zeros(shape, np.int32)
-    rho = np.full(shape, np.inf, np.float32); u = np.zeros(shape, np.float32)
-    for i in range(len(objs)):
-        dy, dx = Y - objs.cy[i], X - objs.cx[i]
-        d2 = dy*dy + dx*dx
-        closer = d2 < best
-        cp, sp = np.float32(np.cos(objs.phi[i])), np.float32(np.sin(objs.phi[i]))
-        ui, vi = dx*cp + dy*sp, dy*cp - dx*sp
-        h = _outline_terms(ui, vi, objs.harm[i].astype(np.float32))
-        rhoi = np.sqrt((ui/np.float32(objs.a[i]))**2 + (vi/np.float32(objs.b[i]))**2) / h
-        best = np.where(closer, d2, best); rho = np.where(closer, rhoi, rho); u = np.where(closer, ui, u)
-        labels = np.where(closer, np.where(rhoi < 1, i + 1, 0), labels); owner = np.where(closer, i, owner)
-    return Raster(labels, owner, rho, u)
-
-# %% ../nbs/03_synth.ipynb #b8a2b94f
-def _linear_upsample_axis(a:np.ndarray, f:int, axis:int) -> np.ndarray:
-    "Linear interpolation by an integer factor `f` along `axis` (sample i*f+j = a[i] + j/f (a[i+1] - a[i]))."
-    if f == 1: return a
-    w = np.arange(f, dtype=np.float32) / f
-    a = np.moveaxis(a, axis, 0)
-    shape = (1, f) + (1,)*(a.ndim - 1)
-    out = a[:-1, None]*(1 - w).reshape(shape) + a[1:, None]*w.reshape(shape)
-    return np.moveaxis(out.reshape((-1,) + a.shape[1:]), 0, axis)
-
-def linear_upsample(low:np.ndarray, fy:int, fx:int, shape) -> np.ndarray:
-    "Bilinear upsampling of a 2-D array by integer factors, cropped to `shape` (35x faster than `ndimage.zoom(order=1)` here)."
-    return np.ascontiguousarray(_linear_upsample_axis(_linear_upsample_axis(low, fy, 0), fx, 1)[:shape[0], :shape[1]])
-
-def smooth_noise(rng:np.random.Generator, shape, scale:float) -> np.ndarray:
-    "Zero-mean, unit-std float32 noise with correlation length about `scale` px (low-res normal noise, smoothed, upsampled)."
-    H, W = shape; f = max(1, int(round(scale)))
-    low = ndi.gaussian_filter(rng.standard_normal((H//f + 3, W//f + 3), dtype=np.float32), 0.7)
-    up = linear_upsample(low, f, f, shape)
-    return (up - up.mean()) / (up.std() + 1e-6)
-
-def illumination_field(rng:np.random.Generator, shape, strength:float) -> np.ndarray:
-    "Multiplicative illumination (mean about 1): a linear gradient in a random direction plus vignetting, both scaled by `strength`."
-    H, W = shape; t = rng.uniform(0, 2*np.pi)
-    y = np.linspace(-1, 1, H, dtype=np.float32)[:, None]; x = np.linspace(-1, 1, W, dtype=np.float32)[None, :]
-    field = 1 + strength*(0.5*(np.float32(np.cos(t))*x + np.float32(np.sin(t))*y) - 0.25*(x*x + y*y) + 0.17)
-    return np.maximum(field, 0.2).astype(np.float32)
-
-def add_noise(rng:np.random.Generator, img:np.ndarray, level:float, shot:float=1.0, channels_alike:bool=False) -> np.ndarray:
-    "Gaussian noise, std `level * sqrt(shot * signal + (1 - shot) * 0.25)`: shot-like for `shot=1`, read-like for 0; `channels_alike` shares one noise field across RGB."
-    sd = level * (np.sqrt(shot*np.clip(img, 0, None) + (1 - shot)*0.25 + 0.02) if shot else np.float32(np.sqrt(0.27)))
-    shape = img.shape[:2] + (1,) if channels_alike and img.ndim == 3 else img.shape
-    return img + sd * rng.standard_normal(shape, dtype=np.float32)
-
-def blur(img:np.ndarray, sigma:float) -> np.ndarray:
-    "Gaussian focus blur of the spatial axes (channels kept apart)."
-    if sigma <= 0.05: return img
-    return ndi.gaussian_filter(img, (sigma, sigma, 0)[:img.ndim])
-
-def to_uint8(img:np.ndarray) -> np.ndarray:
-    "Clip to [0, 1] and round to uint8."
-    return (np.clip(img, 0, 1)*255 + 0.5).astype(np.uint8)
-
-def smoothstep(x, lo:float, hi:float):
-    "0 below `lo`, 1 above `hi`, a smooth cubic ramp between."
-    t = np.clip((x - lo)/(hi - lo), 0, 1)
-    return t*t*(3 - 2*t)
 
 # %% ../nbs/03_synth.ipynb #2ffbaa76
 DOMAIN_RANGES = {  # uniform ranges the unspecified controls are drawn from; `coverage` (foreground fraction) sets the default count

@@ -18,7 +18,7 @@ from .io import read_image, read_labels, IMAGE_SUFFIXES
 from .viz import STYLE, label_overlay, draw_prompts, show_instances
 from .data import ImagePair, LoadedSample, folder_pairs, load_pair
 from .metrics import instance_metrics
-from .sam import embed_image, segment_prompts, masks_to_labels
+from .sam import as_segmenter, segment_prompts, masks_to_labels
 from .evaluate import protocol_prompts, prompted_segmentation
 
 # %% auto #0
@@ -66,24 +66,15 @@ def prediction_from_folder(folder, pair:ImagePair) -> np.ndarray|None:
         if c.is_file(): return read_labels(c)
     return None
 
-def _sam_and_features(model, image) -> tuple:
-    "(segment-anything Sam, (embedding, info), dense prompt or None, preprocessing mode) of `model` on `image`."
-    if hasattr(model, "prepare_image"):
-        emb, info, dense = model.prepare_image(image)
-        return model.sam, (emb, info), dense, model.config.preprocess
-    emb, info = embed_image(model, image, mode="sam")
-    return model, (emb, info), None, "sam"
-
 def model_predictor(model, protocol:str="ullsam_points", seed:int=0, n_instances:int|None=None) -> Callable:
     "A callable `fn(sample) -> label map`: `model` (ULLSAM or Sam) prompted from the ground truth with an evaluation protocol."
     if protocol.startswith("iterative") or protocol == "auto":
         raise InputError(f"protocol {protocol!r} is not a one-shot prompted protocol; use box, point or ullsam_points")
     def predict(sample) -> np.ndarray:
-        sam, emb, dense, mode = _sam_and_features(model, sample.image)
         p = protocol_prompts(protocol, sample.labels, seed=seed, n_instances=n_instances)
         if len(p["ids"]) == 0: return np.zeros(sample.labels.shape, np.uint32)
-        _, masks, scores, _, _ = next(prompted_segmentation(sam, sample.image, sample.labels, protocol, seed=seed,
-                                       n_instances=n_instances, embedding=emb, dense_prompt=dense, mode=mode))
+        _, masks, scores, _, _ = next(prompted_segmentation(model, sample.image, sample.labels, protocol, seed=seed,
+                                                            n_instances=n_instances))
         return masks_to_labels(masks, scores, ids=p["ids"])
     predict.protocol = protocol
     return predict
@@ -210,7 +201,9 @@ class PromptSession:
     def __init__(self, model, image, vlk:bool=True, scale:int=2, frontend:str="auto"):
         if isinstance(image, (str, Path)): image = read_image(image)
         self.model, self.image_array, self.scale = model, np.asarray(image), scale
-        self.sam, self.embedding, self.dense, self.preprocess = _sam_and_features(model, self.image_array)
+        self.segmenter = as_segmenter(model)                      # SAM or uLLSAM: one interface
+        emb, info, self.dense = self.segmenter.prepare_image(self.image_array)
+        self.embedding = (emb, info)
         self.points, self.point_labels = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
         self.mask, self.score, self.n_decoder_calls = None, None, 0
         H, Wd = self.image_array.shape[:2]
@@ -309,9 +302,8 @@ def predict(self:PromptSession, vlk:bool|None=None) -> tuple:
     vlk = self.vlk.value if vlk is None else vlk
     if vlk and self.dense is None: raise InputError("this model has no VLK path (baseline mode or plain SAM)")
     multimask = len(self.points) == 1
-    masks, scores = segment_prompts(self.sam, self.image_array, points=self.points[None], point_labels=self.point_labels[None],
-                                    multimask=multimask, embedding=self.embedding, dense_prompt=self.dense if vlk else None,
-                                    mode=self.preprocess)
+    masks, scores = segment_prompts(self.segmenter, self.image_array, points=self.points[None], point_labels=self.point_labels[None],
+                                    multimask=multimask, embedding=self.embedding, dense_prompt=self.dense if vlk else None)
     self.n_decoder_calls += 1
     return masks[0].numpy(), float(scores[0])
 

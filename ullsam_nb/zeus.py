@@ -16,7 +16,9 @@ from .basics import InputError, save_json, seed_everything, atomic_write, defaul
 from .io import normalize_percentile
 from .metrics import mask_dice, mask_iou
 from .sam import sam_from_config
-from .vlm import VLMBackend, CallableVLM, get_backend, render_prompt
+from .vlm_backend import VLMBackend, CallableVLM
+from .vlm import get_backend
+from .vlm_text import render_prompt
 
 # %% auto #0
 __all__ = ['PHANTOM_MODALITIES', 'TISSUES', 'PHANTOM_CONTRAST', 'MODALITY_NAMES', 'ZEUS_INSTANCE', 'HANDBOOK', 'ZEUS_SAM',
@@ -394,8 +396,7 @@ def train_zeus(fusion:str, use_instructions:bool, train_cases:list, test_cases:l
     tr_text, te_text = text if isinstance(text, (tuple, list)) else (text, text)
     model = ZeusModel(len(train_cases[0].modalities), fusion, tr_text.shape[-1], use_instructions, seed=seed)
     task = ZeusTask(model, train_cases, test_cases, tr_text, te_text)
-    per_epoch = math.ceil(len(train_cases) / batch_size)
-    cfg = make_config(epochs=math.ceil(steps / per_epoch), max_steps=steps, schedule_steps=steps, batch_size=batch_size, lr=lr,
+    cfg = make_config(steps=steps, batch_size=batch_size, lr=lr,         # a step budget: the loop derives the epochs and the schedule
                       warmup=0.05, weight_decay=0.01, clip=1.0, seed=seed, validate=False, keep_epoch_checkpoints=False,
                       monitor="DSC", device=str(device or "cpu"))
     t0 = time.perf_counter()
@@ -444,8 +445,8 @@ def plot_zeus_predictions(cases:list, models:dict, text:torch.Tensor, n:int=3):
 def zeus_cmd(preset:str="phantom", # data preset: phantom (the synthetic multimodal world)
              quick:bool=False, # a small run (< ~60 s on a CPU)
              out:str=None, # output folder (results.json, table.csv/.md, instructions.json, predictions.png)
-             backend:str=None, # LLM backend writing the instructions (default: the offline handbook); any `ullsam describe` backend
-             model:str=None, # model id or folder for --backend
+             backend:str=None, # who writes the instructions: handbook (default, offline), clip-llm (the paper's path: vision tower per modality -> trainable MLP -> frozen LLM) or any `ullsam describe` backend
+             model:str=None, # model id or folder for --backend (clip-llm: a folder a ZeusInstructionWriter saved; without it the offline tiny writer, its MLP fitted to the handbook)
              steps:int=None, # optimizer steps per variant (default: the preset's)
              seed:int=0, # seed of the cases and the training
              instructions:str="per_case", # per_case (each case's own slices) or per_modality (one per modality, from the first case)
@@ -460,20 +461,26 @@ def zeus_cmd(preset:str="phantom", # data preset: phantom (the synthetic multimo
     train, test = cases[:p["n_train"]], cases[p["n_train"]:]
     if instructions not in ("per_case", "per_modality"): raise InputError(f"instructions must be per_case or per_modality, not {instructions!r}")
     per_case = instructions == "per_case"
-    llm = handbook_backend(per_case=per_case) if backend in (None, "", "handbook") else get_backend(backend, model)
+    n_tokens = 128
+    if backend in (None, "", "handbook"): llm = handbook_backend(per_case=per_case)
+    elif backend == "clip-llm":
+        from ullsam_nb.zeus_instructions import clip_llm_backend
+        llm = clip_llm_backend(model, cases=train, per_case=per_case, seed=seed, device=device)
+        n_tokens = 128 if model else 40                                 # the tiny stand-in writes no sentence worth waiting for
+    else: llm = get_backend(backend, model)
     mods = train[0].modalities
-    if per_case: written = case_instructions(llm, cases, quiet=False)
-    else: written = modality_instructions(llm, train)
+    if per_case: written = case_instructions(llm, cases, quiet=False, max_new_tokens=n_tokens)
+    else: written = modality_instructions(llm, train, max_new_tokens=n_tokens)
     texts = [d[m] for d in (written if per_case else [written]) for m in mods]
     enc = load_text_encoder(text_encoder, device) if text_encoder else tiny_text_encoder(seed, corpus=_encoder_corpus() + texts)
     text = embed_instructions(enc, written, mods)
     tr_text, te_text = (text[:len(train)], text[len(train):]) if per_case else (text, text)
     table, models = zeus_compare(train, test, (tr_text, te_text), steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"], seed=seed,
                                  device=device, quiet=False)
-    from ullsam_nb.bench_vlm import markdown_table
+    from ullsam_nb.basics import markdown_table
     md = markdown_table(table[["fusion", "instructions", "DSC", "mIoU", "params", "steps", "seconds"]])
     print(f"zeus {preset}{' (quick)' if quick else ''}: {len(train)} train / {len(test)} test cases, {p['steps']} steps per variant, "
-          f"instructions {instructions}, text encoder {text_encoder or 'tiny BERT'}")
+          f"instructions {instructions} by {llm.identity}, text encoder {text_encoder or 'tiny BERT'}")
     print(md)
     if out is not None:
         from ullsam_nb.viz import save_figure

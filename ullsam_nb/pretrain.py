@@ -32,7 +32,7 @@ __all__ = ['PRETRAIN_PROMPTS', 'PRETRAIN_PROMPT_MIX', 'PretrainConfig', 'synthet
 @dataclass
 class PretrainConfig:
     "Every setting of a generalist-SAM pretraining run (the defaults are the shipped model's recipe)."
-    steps: int = 1400                   # optimizer steps (the cosine schedule's length)
+    steps: int = 3000                   # optimizer steps (the cosine schedule's length)
     batch_size: int = 4                 # images per step
     max_instances: int = 6              # prompted objects per image
     lr: float = 6e-4
@@ -297,7 +297,7 @@ def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=No
 
 # %% ../nbs/15a_pretrain.ipynb #fea5552e
 def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam.json, log.csv, pretrain.json, checkpoints/
-                 steps:int=1400, # optimizer steps (the length of the warm-up + cosine schedule)
+                 steps:int=3000, # optimizer steps (the length of the warm-up + cosine schedule)
                  batch_size:int=4, # images per optimizer step
                  real:str="", # folder of real pairs as <domain>/images + <domain>/masks; empty: the workspace's shared/data/real; 'none': synthetic only
                  seed:int=0, # seed of the data, the prompts and the initial weights
@@ -337,13 +337,14 @@ def _card(record:dict, quality:dict|None) -> str:
              f"position-feature scale {cfg['pe_scale']}; BCE weighted 1 near the box, "
              f"{cfg['outside_weight']} elsewhere, + soft Dice; IoU head by MSE; instance head: foreground + boundary distance.",
              f"- Wall time {record['wall_s']/60:.1f} min on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
+             *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
     if quality:
         lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run:", "",
-                  "| set, protocol | model | floors | beats floors |", "| --- | --- | --- | --- |"]
+                  "| set | protocol | model | floors | beats floors |", "| --- | --- | --- | --- | --- |"]
         for k, v in quality["verdict"].items():
             fl = ", ".join(f"{n.split(':')[1]} {x:.3f}" for n, x in v.items() if n.startswith("floor:"))
-            lines.append(f"| {k} | {v['model']:.3f} | {fl} | {'yes' if v['beats_floors'] else '**no**'} |")
+            lines.append(f"| {k} | {v['model']:.3f} | {fl} | {'yes' if v['beats_floors'] else '**no**'} |")     # k is "set | protocol"
         sp = quality.get("speed", {})
         if sp: lines += ["", f"Speed on this CPU ({sp.get('threads')} threads): encoder {sp['encoder_s_per_512']:.2f} s per 512² image "
                          f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per prompt batched "
@@ -363,6 +364,7 @@ def publish(run, quality=None, name:str="small", dest=None) -> Path:
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None
     shutil.copyfile(run/"sam.safetensors", dest/f"{stem}.safetensors")
+    if quality: shutil.copyfile(quality, dest/f"{stem}_quality.json")          # the benchmark the card quotes, beside it
     rec = load_json(run/"sam.json")
     rec.update(weights=f"{stem}.safetensors", sha256=hash_file(dest/f"{stem}.safetensors"), card=f"{stem}.md", training=record,
                parameters=sum(p.numel() for p in model.parameters()))

@@ -5,13 +5,14 @@ import pytest
 import torch
 from ullsam_nb.basics import InputError
 from ullsam_nb.vlm_backend import CallableVLM
+from ullsam_nb.basics import torch_threads
 from ullsam_nb.zeus import (FUSIONS, PHANTOM_MODALITIES, ZeusCase, ZeusModel, ZeusTask, zeus_phantom, phantom_cases, target_contrast,
                             handbook_backend, handbook_instruction, modality_instructions, tiny_text_encoder, train_zeus,
-                            evaluate_zeus, count_parameters, load_nifti_case, zeus_cmd, zeus_loss, cpu_threads)
+                            evaluate_zeus, count_parameters, load_nifti_case, zeus_cmd, zeus_loss)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with cpu_threads(1): yield
+    with torch_threads(1): yield
 
 @pytest.fixture(scope="module")
 def cases(): return phantom_cases(10, seed=5)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from ullsam_nb.basics import InputError
 from ullsam_nb.vlm_text import render_prompt
-from ullsam_nb.zeus import phantom_cases, case_instructions, modality_instructions, cpu_threads, zeus_cmd, PHANTOM_MODALITIES
+from ullsam_nb.basics import torch_threads
+from ullsam_nb.zeus import phantom_cases, case_instructions, modality_instructions, zeus_cmd, PHANTOM_MODALITIES
 from ullsam_nb.zeus_instructions import (ZeusInstructionWriter, ClipLLMBackend, tiny_instruction_writer, handbook_examples,
                                          fit_projector, load_vision_tower, SHARED_TOWER)
 
@@ -16,7 +17,7 @@ T2 = "T2-weighted MRI"
 @pytest.fixture(autouse=True)
 def _one_thread(tmp_path, monkeypatch):
     monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / "cache"))
-    with cpu_threads(1): yield
+    with torch_threads(1): yield
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@
 
 # %% ../nbs/19_demo.ipynb #645fce2d
 from __future__ import annotations
-import json, math, os, time, contextlib
+import json, math, os, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .basics import InputError, save_json, load_json, atomic_write, default_device, progress, cache_dir, hash_json
+from .basics import InputError, save_json, load_json, atomic_write, default_device, progress, cache_dir, hash_json, torch_threads
 
 # %% auto #0
 __all__ = ['IN_DOMAINS', 'OOD_DOMAINS', 'DEMO_MODELS', 'DEMO_PROTOCOLS', 'DEMO_SIZES', 'REAL_SOURCES', 'demo_plan',
@@ -402,12 +402,9 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
     return out/"report.md"
 
 # %% ../nbs/19_demo.ipynb #b3fa0e31
-@contextlib.contextmanager
 def _threads(device):
-    old = torch.get_num_threads()
-    if torch.device(device).type == "cpu": torch.set_num_threads(1)
-    try: yield
-    finally: torch.set_num_threads(old)
+    "One torch thread on a CPU (these models are tiny: synchronising threads costs more than it saves); unchanged on a GPU."
+    return torch_threads(1 if torch.device(device).type == "cpu" else None)
 
 def _plan_text(plan:dict) -> str:
     lines = [f"demo plan: preset {plan['preset']} ({plan['size']}), seed {plan['seed']}, device {plan['device']}, out {plan['out']}",

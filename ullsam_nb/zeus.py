@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .basics import InputError, save_json, seed_everything, atomic_write, default_device
+from .basics import InputError, save_json, seed_everything, atomic_write, default_device, torch_threads
 from .io import normalize_percentile
 from .metrics import mask_dice, mask_iou
 from .sam import sam_from_config
@@ -26,8 +26,7 @@ __all__ = ['PHANTOM_MODALITIES', 'TISSUES', 'PHANTOM_CONTRAST', 'MODALITY_NAMES'
            'zeus_phantom', 'phantom_cases', 'target_contrast', 'describe_bright_region', 'handbook_instruction',
            'handbook_backend', 'modality_instructions', 'case_instructions', 'embed_instructions', 'InstructionEncoder',
            'tiny_text_encoder', 'load_text_encoder', 'zeus_sam', 'ZeusModel', 'count_parameters', 'ZeusDataset',
-           'zeus_loss', 'evaluate_zeus', 'ZeusTask', 'cpu_threads', 'train_zeus', 'zeus_compare',
-           'plot_zeus_predictions', 'zeus_cmd']
+           'zeus_loss', 'evaluate_zeus', 'ZeusTask', 'train_zeus', 'zeus_compare', 'plot_zeus_predictions', 'zeus_cmd']
 
 # %% ../nbs/17_zeus.ipynb #623a7feb
 @dataclass
@@ -378,16 +377,6 @@ class ZeusTask:
         return dict(DSC=r["DSC"], mIoU=r["mIoU"])
 
 # %% ../nbs/17_zeus.ipynb #ec92691b
-import contextlib
-
-@contextlib.contextmanager
-def cpu_threads(n:int|None=1):
-    "Run a block with at most `n` torch CPU threads (None: unchanged), restoring the setting after."
-    old = torch.get_num_threads()
-    if n: torch.set_num_threads(max(1, min(int(n), old)))
-    try: yield
-    finally: torch.set_num_threads(old)
-
 def train_zeus(fusion:str, use_instructions:bool, train_cases:list, test_cases:list, text:torch.Tensor, steps:int=60,
                batch_size:int=4, lr:float=2e-3, seed:int=0, out=None, device=None, quiet:bool=True, threads:int|None=1) -> dict:
     "Train one Zeus variant for `steps` optimizer steps (`threads` CPU threads); `text` is shared (M,D) or a (train, test) pair of per-case (N,M,D); test `DSC`, `mIoU`, parameters, time."
@@ -400,7 +389,7 @@ def train_zeus(fusion:str, use_instructions:bool, train_cases:list, test_cases:l
                       warmup=0.05, weight_decay=0.01, clip=1.0, seed=seed, validate=False, keep_epoch_checkpoints=False,
                       monitor="DSC", device=str(device or "cpu"))
     t0 = time.perf_counter()
-    with cpu_threads(threads if str(device or "cpu").startswith("cpu") else None):
+    with torch_threads(threads if str(device or "cpu").startswith("cpu") else None):
         fit = Trainer(task, cfg, out=out, quiet=quiet).fit()
         r = evaluate_zeus(model, test_cases, te_text)
     return dict(fusion=fusion, instructions=use_instructions, DSC=r["DSC"], mIoU=r["mIoU"], params=count_parameters(model),

@@ -66,7 +66,8 @@ def score(model, samples, amg_side=0):
 
 def speed(model, reps=3):
     from segment_anything.predictor import SamPredictor
-    from ullsam_nb.sam import embed_images, segment_prompts, unit_uint8
+    from ullsam_nb.embeddings import embed_images
+    from ullsam_nb.segmenter import segment_prompts, unit_uint8
     from ullsam_nb.segment import model_views
     rng = np.random.default_rng(0)
     image = (rng.random((512, 512)) * 255).astype(np.uint8)

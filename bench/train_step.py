@@ -55,7 +55,8 @@ def make_batch(model, n_images, quick):
 
 
 def build(mode, quick, dev, dtype_llm):
-    from ullsam_nb.model import ULLSAM, UllsamConfig
+    from ullsam_nb.model import ULLSAM
+    from ullsam_nb.model_config import UllsamConfig
     if quick: cfg = UllsamConfig(sam="tiny", llm="tiny", mode=mode)
     else: cfg = UllsamConfig(sam="vit_b", llm="random", llm_overrides=FULL_LLM, llm_dtype=dtype_llm, mode=mode)
     seed_everything(0)

@@ -12,7 +12,7 @@ def main(argv=None):
     ap.add_argument("--set", default="", help="extra KEY=VALUE settings")
     a = ap.parse_args(argv)
     from ullsam_nb.stages import train_cmd, load_config
-    from ullsam_nb.train import read_log
+    from ullsam_nb.train_parts import read_log
     out = Path(a.out or tempfile.mkdtemp(prefix="train_tiny_"))
     extra = [f"mode={a.mode}"] + ([f"epochs={a.epochs}"] if a.epochs else []) + \
             (["max_train_images=8", "max_val_images=4", "epochs=2"] if a.quick else []) + ([a.set] if a.set else [])

@@ -4,12 +4,14 @@ import os, sys, subprocess, socket
 from pathlib import Path
 import pytest
 import torch
-from ullsam_nb.train import ToyTask, Trainer, make_config, weights_hash
+from ullsam_nb.train import ToyTask, Trainer, weights_hash
+from ullsam_nb.train_parts import make_config
 
 SCRIPT = r'''
 import sys, torch
 from pathlib import Path
-from ullsam_nb.train import ToyTask, Trainer, make_config, init_distributed
+from ullsam_nb.train import ToyTask, Trainer
+from ullsam_nb.train_parts import make_config, init_distributed
 out = Path(sys.argv[1])
 info = init_distributed("cpu")
 task = ToyTask(n=40, dropout=0.0)
@@ -61,7 +63,7 @@ SCRIPT_TINY = r'''
 import sys, torch
 from pathlib import Path
 from ullsam_nb.stages import train_cmd
-from ullsam_nb.train import init_distributed
+from ullsam_nb.train_parts import init_distributed
 out, world = Path(sys.argv[1]), sys.argv[2]
 info = init_distributed("cpu")
 s = f"mode=baseline,data={world},val_data={world},max_train_images=4,max_val_images=1,batch_size=1,epochs=1,device=cpu"

@@ -37,6 +37,9 @@ def test_quick_demo_outputs(quick_run):
     assert floors == {"floor:box", "floor:otsu_box", "floor:watershed_click"}          # the floors stand beside the models
     assert all(s["trained_steps"] >= 1 for s in m["stages"])
     assert m["wall_s"]["total_s"] > 0
+    ways = {r["round"]: r for r in m["mask_prompts"] if r["split"] == "in-domain"}
+    assert sorted(ways) == [0, 1, 2, 3] and ways[0]["replace"] == ways[0]["vlk_plus_mask"]     # no mask before the first correction
+    assert ways[0]["floor:watershed_click"] is not None and "## Iterative correction" in report
     assert m["figures"] == ["overlays.png", "training_curves.png", "metric_bars_mSA.png", "metric_bars_instance_dice.png"]
     for fig in m["figures"]:
         p = out / fig
@@ -77,14 +80,14 @@ def test_paper_plan_without_running(tmp_path, capsys):
     assert list(st) == ["stage1", "stage2", *DEMO_MODELS]
     for s in st.values():
         c = s["config"]
-        assert (c.sam, c.sam_checkpoint, c.llm, c.precision, c.device) == ("vit_b", "ckpt/vit_b_em.pt", "OpenGVLab/InternVL2_5-2B", "bf16", "cuda")
+        assert (c.model.sam, c.model.sam_checkpoint, c.model.llm, c.precision, c.device) == ("vit_b", "ckpt/vit_b_em.pt", "OpenGVLab/InternVL2_5-2B", "bf16", "cuda")
         assert c.data == str(tmp_path / "world" / "train") and c.val_data == ""
         assert s["steps"] is None                               # the preset's epochs
     assert (st["stage1"]["config"].stage, st["stage2"]["config"].stage) == (1, 2)
-    assert st["stage2"]["init_from"] == "stage1" and st["stage1"]["sam_from"] is None
+    assert st["stage2"]["init_from"] == "stage1" and st["stage1"]["init_from"] is None
     assert st["ullsam"]["config"].epochs == 24 and st["ullsam"]["config"].accumulation == 8
     assert st["ullsam_sbr"]["config"].sbr_loss and not st["ullsam"]["config"].sbr_loss
-    assert st["frozen_vlk"]["config"].mode == "frozen_vlk" and st["baseline"]["init_from"] is None
+    assert st["frozen_vlk"]["config"].model.mode == "frozen_vlk" and st["baseline"]["init_from"] is None
     assert tuple(plan["world"]["in_domains"]) == IN_DOMAINS and tuple(plan["world"]["ood_domains"]) == OOD_DOMAINS
     assert demo_cmd(str(tmp_path / "o"), preset="paper", sam_checkpoint="x.pt", llm="y", plan_only=True) == 0
     assert "stage1" in capsys.readouterr().out and not (tmp_path / "o").exists()
@@ -94,8 +97,9 @@ def test_paper_plan_without_running(tmp_path, capsys):
 
 def test_tiny_plan_chains_stages(tmp_path):
     st = {s["key"]: s for s in demo_plan(tmp_path, quick=True)["stages"]}
-    assert "stage0" not in st and st["stage1"]["sam_from"] is None       # every stage starts from the shipped small SAM
+    assert "stage0" not in st and st["stage1"]["init_from"] is None      # every stage starts from the shipped small SAM
+    assert all(st[k]["config"].prompts == "mixed" for k in DEMO_MODELS)   # stage 3 keeps boxes and clicks in training
     assert st["baseline"]["init_from"] is None
     assert all(st[k]["init_from"] == "stage2" for k in ("ullsam", "ullsam_sbr", "frozen_vlk"))
-    assert all(st[k]["config"].sam == "small" and st[k]["config"].llm == "tiny" for k in st)
+    assert all(st[k]["config"].model.sam == "small" and st[k]["config"].model.llm == "tiny" for k in st)
     assert all(st[k]["config"].lr == 1e-4 for k in DEMO_MODELS)           # fine-tuning a pretrained SAM gently

@@ -213,7 +213,8 @@ def _tiny_batch(model, n=2):
 
 def test_frozen_vlk_features_never_take_flex(monkeypatch):
     "With CUDA's rule, frozen_vlk's no-grad feature pass runs augment and never reaches FlexAttention."
-    from ullsam_nb.model import ULLSAM, UllsamConfig, joint_loss
+    from ullsam_nb.model import ULLSAM, joint_loss
+    from ullsam_nb.model_config import UllsamConfig
     for kind in ("infer", "train"): monkeypatch.setitem(E.AUTO_ATTENTION, ("cpu", kind), E.AUTO_ATTENTION[("cuda", kind)])
     def no_flex(*a, **k): raise AssertionError("FlexAttention reached")
     monkeypatch.setattr(E, "_flex_attention", no_flex)
@@ -282,7 +283,8 @@ def test_train_step_flops_count_the_llm_attention():
 @pytest.mark.parametrize("mode", ["baseline", "ullsam", "frozen_vlk"])
 def test_every_mode_trains_and_evaluates_with_the_fast_encoder(mode):
     "The CPU twin of the notebook's `#| cuda` cell: two joint steps and a point-prompt evaluation per mode."
-    from ullsam_nb.model import ULLSAM, UllsamConfig, joint_loss
+    from ullsam_nb.model import ULLSAM, joint_loss
+    from ullsam_nb.model_config import UllsamConfig
     from ullsam_nb.data import load_pairs
     from ullsam_nb.evaluate import evaluate_models
     model = ULLSAM.from_config(UllsamConfig(sam="tiny", llm="tiny", mode=mode, fast_encoder=True)).set_stage(3).train()

@@ -107,7 +107,8 @@ def test_split_predictions_and_worst_cases(tiny):
 
 def test_evaluate_models_takes_ullsam_models_beside_sam():
     "Zero-shot SAM and uLLSAM models in one table; a uLLSAM model is scored with its own dense prompt and preprocessing."
-    from ullsam_nb.model import ULLSAM, UllsamConfig
+    from ullsam_nb.model import ULLSAM
+    from ullsam_nb.model_config import UllsamConfig
     from ullsam_nb.evaluate import evaluate_models, evaluate_image
     model = ULLSAM.from_config(UllsamConfig(sam="tiny", llm="tiny", mode="ullsam")).eval()
     rng = np.random.default_rng(0)

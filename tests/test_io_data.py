@@ -40,9 +40,19 @@ def test_png_refuses_ids_above_uint16_and_jpeg_refuses_labels(tmp_path):
     assert not (tmp_path/"m.png").exists() and not (tmp_path/"m.jpg").exists()
 
 
-def test_signed_and_int64_label_maps_are_narrowed_exactly():
-    assert as_label_map(label_map(np.int32, 300)).dtype == np.uint16
-    assert as_label_map(label_map(np.int64, 70_000)).dtype == np.uint32
+def test_label_maps_keep_their_dtype_in_memory_and_are_compact_in_files(tmp_path):
+    "Validation never narrows (uint8 ids wrap around in arithmetic); writing a file does, exactly."
+    small = label_map(np.int32, 200)                               # ids that would fit uint8
+    assert as_label_map(small).dtype == np.int32
+    assert (as_label_map(small).astype(np.int64) + 100).max() == 300 and (as_label_map(small) + 100).max() == 300
+    assert as_label_map(label_map(np.int32, 300)).dtype == np.int32
+    assert as_label_map(label_map(np.int64, 70_000)).dtype == np.int64
+    assert as_label_map(label_map(np.uint16, 300)).dtype == np.uint16
+    for dtype, top, stored in [(np.int32, 200, np.uint8), (np.int32, 300, np.uint16), (np.int64, 70_000, np.uint32)]:
+        lab = label_map(dtype, top)
+        back = read_labels(write_labels(tmp_path/f"m{top}.tif", lab))
+        assert back.dtype == stored and np.array_equal(back, lab)
+        assert decode_labels(encode_labels(lab, ".png" if top < 2**16 else ".tif")).dtype == stored
     with pytest.raises(InputError, match="exceeds uint32"): as_label_map(label_map(np.int64, 2**33))
 
 

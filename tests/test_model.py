@@ -7,9 +7,12 @@ import torch
 from ullsam_nb.basics import InputError
 from ullsam_nb.data import InstanceDataset, collate_instances, folder_pairs
 from ullsam_nb.io import read_image, read_labels
-from ullsam_nb.model import MODES, PARTS, ULLSAM, UllsamConfig, joint_forward, joint_loss, stage_name
+from ullsam_nb.model import ULLSAM, joint_forward, joint_loss
+from ullsam_nb.model_config import MODES, PARTS, UllsamConfig, stage_name
 from ullsam_nb.prompts import ullsam_prompts
-from ullsam_nb.sam import build_sam, decode_prompts, prompts_to_input, segment_prompts
+from ullsam_nb.sam import build_sam
+from ullsam_nb.decode import decode_prompts, prompts_to_input
+from ullsam_nb.segmenter import segment_prompts
 from ullsam_nb.sbr import sbr_prompt_sampler
 from ullsam_nb.synth import make_world
 from ullsam_nb.vlsa import no_mask_dense_prompt

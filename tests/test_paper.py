@@ -96,7 +96,7 @@ def test_paper_preset_chains_three_stages_with_its_world_size():
     plan = stage_configs(cfg)
     assert [s for s, _ in plan] == [1, 2, 3]
     assert plan[1][1].lr_llm == 1e-5 and plan[2][1].epochs == 24 and plan[2][1].lr == 1e-3
-    assert cfg.llm == "OpenGVLab/InternVL2_5-2B"
+    assert cfg.model.llm == "OpenGVLab/InternVL2_5-2B"
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         assert check_world_size(cfg, 1) == 8

@@ -182,7 +182,7 @@ TOY = "task=toy,validate=false,keep_epoch_checkpoints=false"
 CLI = [sys.executable, "-c", "import sys; from ullsam_nb.cli import main; sys.exit(main())"]
 
 def train_steps(run):
-    from ullsam_nb.train import read_log
+    from ullsam_nb.train_parts import read_log
     df = read_log(run/"log.csv")
     return list(df[df.kind == "train"].step)
 

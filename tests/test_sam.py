@@ -5,8 +5,9 @@ from skimage.draw import disk
 from segment_anything.modeling import ImageEncoderViT
 from ullsam_nb.io import write_image, write_labels, read_labels
 from ullsam_nb.segment import segment_cmd, precompute_cmd
-from ullsam_nb.sam import (build_sam, embed_image, segment_prompts, automatic_segmentation,
-                           masks_to_labels, model_identity, AMG_PRESETS)
+from ullsam_nb.sam import build_sam, model_identity
+from ullsam_nb.embeddings import embed_image
+from ullsam_nb.segmenter import segment_prompts, automatic_segmentation, masks_to_labels, AMG_PRESETS
 from ullsam_nb.basics import InputError
 
 @pytest.fixture(autouse=True)
@@ -118,14 +119,14 @@ def test_real_dsb2018_box_prompts(tmp_path):
 
 def test_cached_embeddings_do_not_depend_on_batch_size(tmp_path, monkeypatch):
     "Batched matmuls round differently: the cache stores embeddings computed one image per encoder call, whatever --batch-size."
-    from ullsam_nb.sam import embedding_cache_path, load_cached_embedding
+    from ullsam_nb.embeddings import embedding_cache_path, load_cached_embedding
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 255, (64, 80), dtype=np.uint8) for _ in range(3)]
     m = build_sam("tiny", device="cpu", pretrained=False)
     saved = {}
     for bs in (1, 3):
         monkeypatch.setenv("ULLSAM_CACHE_DIR", str(tmp_path / f"bs{bs}"))
-        from ullsam_nb.sam import embed_images
+        from ullsam_nb.embeddings import embed_images
         embed_images(m, imgs, batch_size=bs)
         saved[bs] = [load_cached_embedding(embedding_cache_path(m, im))[0] for im in imgs]
     for a, b in zip(saved[1], saved[3]): assert torch.equal(a, b)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from ullsam_nb.basics import hash_file
-from ullsam_nb.train import (ToyTask, Trainer, make_config, weights_hash, warmup_cosine, str2bool, read_log)
+from ullsam_nb.train import ToyTask, Trainer, weights_hash
+from ullsam_nb.train_parts import make_config, warmup_cosine, str2bool, read_log
 from ullsam_nb.stages import load_config
 
 def test_schedule_counts_optimizer_steps(tmp_path):
@@ -27,7 +28,8 @@ def test_no_decay_on_biases_and_norms():
 WORKER = r'''
 import sys
 from pathlib import Path
-from ullsam_nb.train import ToyTask, Trainer, make_config
+from ullsam_nb.train import ToyTask, Trainer
+from ullsam_nb.train_parts import make_config
 cfg = make_config(epochs=2, batch_size=4, accumulation=3, lr=1e-2, monitor="score", device="cpu")
 res = Trainer(ToyTask(step_delay=0.05), cfg, Path(sys.argv[1]), quiet=True).fit()
 print(res["status"], res["step"])

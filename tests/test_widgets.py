@@ -7,7 +7,9 @@ import torch
 from ullsam_nb.basics import InputError
 from ullsam_nb.data import folder_pairs, load_pair
 from ullsam_nb.io import write_labels
-from ullsam_nb.sam import build_sam, segment_prompts, embed_image
+from ullsam_nb.sam import build_sam
+from ullsam_nb.segmenter import segment_prompts
+from ullsam_nb.embeddings import embed_image
 from ullsam_nb.synth import sample_world_dir, synth_sample
 from ullsam_nb.widgets import (DatasetViewer, PromptSession, model_predictor, png_array, figure_png, image_panel_png,
                                screen_to_image, prediction_from_folder)
@@ -23,7 +25,8 @@ def tiny_sam(): return build_sam("tiny")
 
 @pytest.fixture(scope="module")
 def ullsam_model():
-    from ullsam_nb.model import ULLSAM, UllsamConfig
+    from ullsam_nb.model import ULLSAM
+    from ullsam_nb.model_config import UllsamConfig
     return ULLSAM.from_config(UllsamConfig(mode="ullsam"))
 
 def test_viewer_from_folder_and_state(pairs):

@@ -121,3 +121,32 @@ def test_pick_slices():
     assert pick_slices(m) == [3] and pick_slices(m, "all") == [1, 3, 4] and pick_slices(m, "all", min_pixels=2) == [1, 3]
     assert pick_slices(m, 2) == [1, 4] and pick_slices(np.zeros((3, 2, 2), bool)) == []
     with pytest.raises(InputError, match="slices must be"): pick_slices(m, "some")
+
+
+def test_zeus_cmd_on_msd_and_chaos(tmp_path, capsys):
+    "`ullsam zeus --preset msd|chaos --data PATH`: the readers' slices, resized to 64 px, split by volume, beside the floors."
+    from ullsam_nb.basics import torch_threads
+    from ullsam_nb.zeus import zeus_cmd
+    from ullsam_nb.zeus_data import load_zeus_cases, split_cases, resize_case
+    root = write_msd(tmp_path / "Task99_Tiny", n=4)
+    tr, te, info = load_zeus_cases("msd", dict(size=64, test_fraction=0.25), root, label="tumour")
+    assert (len(tr), len(te)) == (3, 1) and tr[0].images.shape == (2, 64, 64) and info["instance"] == "the tumour"
+    assert te[0].params["source"].endswith("case_003.nii.gz") and resize_case(te[0], 64) is te[0]
+    assert len(split_cases(msd_cases(root, slices="all"))[1]) == 2                      # a whole volume (2 slices) held out
+    with torch_threads(1):
+        assert zeus_cmd(preset="msd", data=str(root), label="tumour", steps=1, out=str(tmp_path / "o"), instructions="both") == 0
+        res = json.loads((tmp_path / "o" / "results.json").read_text())
+        assert res["data"] == "msd:Task99_Tiny" and res["instance"] == "the tumour" and len(res["table"]) == 9 + 3      # 2 modalities: 2 + 1 floors
+        written = json.loads((tmp_path / "o" / "instructions.json").read_text())
+        assert set(written["per_modality"]) == {"FLAIR", "T1w"} and "the tumour" in written["per_modality"]["FLAIR"]
+        assert "FLAIR MRI" in written["per_modality"]["FLAIR"] and len(written["per_case"]) == 4          # the readable modality name
+        croot = write_chaos(tmp_path / "CHAOS")
+        assert zeus_cmd(preset="chaos", data=str(croot), slices="all", sequence="T1DUAL", steps=1, instructions="per_modality") == 0
+        assert zeus_cmd(preset="chaos", data=str(croot), slices="all", sequence="T2SPIR", steps=1, instructions="per_case", out=str(tmp_path / "t2")) == 0
+    t2 = json.loads((tmp_path / "t2" / "results.json").read_text())
+    assert t2["instance"] == "the liver" and {r["instructions"] for r in t2["table"] if r["fusion"] != "floor"} == {"per_case", "none"}
+    assert len(t2["table"]) == 6 + 2                                                    # one modality: its best rule, the best of 9
+    out = capsys.readouterr().out
+    assert "zeus chaos:CHAOS" in out and "target the liver" in out and "| floor |" in out
+    with pytest.raises(InputError, match="needs --data"): zeus_cmd(preset="chaos")
+    with pytest.raises(InputError, match="no dataset.json"): zeus_cmd(preset="msd", data=str(tmp_path))

@@ -7,7 +7,8 @@ import torch
 from ullsam_nb.basics import InputError
 from ullsam_nb.vlm_text import render_prompt
 from ullsam_nb.basics import torch_threads
-from ullsam_nb.zeus import phantom_cases, case_instructions, modality_instructions, zeus_cmd, PHANTOM_MODALITIES
+from ullsam_nb.zeus_world import phantom_cases, PHANTOM_MODALITIES
+from ullsam_nb.zeus import case_instructions, modality_instructions, zeus_cmd
 from ullsam_nb.zeus_instructions import (ZeusInstructionWriter, ClipLLMBackend, tiny_instruction_writer, handbook_examples,
                                          fit_projector, load_vision_tower, SHARED_TOWER)
 
@@ -84,6 +85,6 @@ def test_zeus_cmd_with_the_clip_llm_writer(tmp_path, capsys):
     assert zeus_cmd(quick=True, steps=1, out=str(tmp_path / "o"), backend="clip-llm", model=str(tmp_path / "writer"),
                     instructions="per_modality") == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["llm"].startswith(f"clip-llm:{tmp_path / 'writer'}#") and len(res["table"]) == 6
-    assert set(json.loads((tmp_path / "o" / "instructions.json").read_text())) == set(PHANTOM_MODALITIES)
+    assert res["llm"][0].startswith(f"clip-llm:{tmp_path / 'writer'}#") and len(res["table"]) == 6 + 4      # 6 models, 4 floor rows
+    assert set(json.loads((tmp_path / "o" / "instructions.json").read_text())["per_modality"]) == set(PHANTOM_MODALITIES)
     assert "by clip-llm:" in capsys.readouterr().out

@@ -20,7 +20,8 @@ from .metrics import classification_metrics, counting_errors, dice_score, instan
 from .vlm_text import render_prompt, parse_count, parse_label, parse_yes_no
 from .vlm_backend import VLMBackend
 from .vlm import VLMHTTPError, VLMConnectionError, get_backend, VLM_BACKENDS
-from .sam import build_sam, model_identity, automatic_segmentation, AMG_PRESETS
+from .sam import build_sam, model_identity
+from .segmenter import automatic_segmentation, AMG_PRESETS
 from .segment import load_segmenter   # every model the toolkit segments with, one loader
 
 

@@ -25,7 +25,7 @@ COMMANDS = {
     "describe":   ("ullsam_nb.vlm",       "describe_cmd",   "Describe (or classify, count, question) every image in a folder with a VLM, resumably, into a JSONL file."),
     "train":      ("ullsam_nb.stages",    "train_cmd",      "Train uLLSAM (any stage) from a preset and/or config file; writes the model, config, log and checkpoints to OUT."),
     "bench-vlm":  ("ullsam_nb.bench_vlm", "bench_vlm_cmd",  "Benchmark a VLM (and SAM) on classification, counting, segmentation or VQA; resumable, writes results.json, tables and plots."),
-    "zeus":       ("ullsam_nb.zeus",      "zeus_cmd",       "Zeus on the phantom world: LLM instructions per modality, early/hybrid/late fusion, with vs without instructions."),
+    "zeus":       ("ullsam_nb.zeus",      "zeus_cmd",       "Zeus on the phantom world or on MSD / CHAOS: LLM instructions per modality and case, early/hybrid/late fusion, with vs without instructions, beside classical floors."),
     "demo":       ("ullsam_nb.demo",      "demo_cmd",       "Run the whole uLLSAM method end to end on the embedded synthetic world and write a report."),
 }
 

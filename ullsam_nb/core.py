@@ -6,10 +6,10 @@
 __all__ = ['MODULES']
 
 # %% ../nbs/90_core.ipynb #240ae2da
-from . import (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling, sam, llm, tiny_llm,
-                       mllm, vlm_text, vlm_backend, vlm, vlsa, sbr, model, train, stages, evaluate, pretrain, segment, bench_vlm, zeus, zeus_instructions,
-                       zeus_data, widgets,
-                       demo)
+from . import (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling,
+                       sam, embeddings, decode, segmenter, llm, tiny_llm, mllm, vlm_text, vlm_backend, vlm, vlsa, sbr,
+                       model_config, model, train_parts, train, stages, evaluate, pretrain, segment, bench_vlm, zeus_world,
+                       zeus, zeus_instructions, zeus_data, widgets, demo)
 from .basics import *
 from .io import *
 from .shapes import *
@@ -23,6 +23,9 @@ from .encoder import *
 from .instance import *
 from .tiling import *
 from .sam import *
+from .embeddings import *
+from .decode import *
+from .segmenter import *
 from .llm import *
 from .tiny_llm import *
 from .mllm import *
@@ -31,13 +34,16 @@ from .vlm_backend import *
 from .vlm import *
 from .vlsa import *
 from .sbr import *
+from .model_config import *
 from .model import *
+from .train_parts import *
 from .train import *
 from .stages import *
 from .evaluate import *
 from .pretrain import *
 from .segment import *
 from .bench_vlm import *
+from .zeus_world import *
 from .zeus import *
 from .zeus_instructions import *
 from .zeus_data import *
@@ -45,7 +51,8 @@ from .widgets import *
 from .demo import *
 
 # %% ../nbs/90_core.ipynb #4d19ef10
-MODULES = (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling, sam, llm, tiny_llm, mllm,
-           vlm_text, vlm_backend, vlm, vlsa, sbr, model, train, stages, evaluate, pretrain, segment, bench_vlm, zeus, zeus_instructions,
-           zeus_data, widgets, demo)
+MODULES = (basics, io, shapes, synth, data, datasets_registry, prompts, metrics, viz, encoder, instance, tiling, sam,
+           embeddings, decode, segmenter, llm, tiny_llm, mllm, vlm_text, vlm_backend, vlm, vlsa, sbr, model_config, model,
+           train_parts, train, stages, evaluate, pretrain, segment, bench_vlm, zeus_world, zeus, zeus_instructions, zeus_data,
+           widgets, demo)
 __all__ = ["MODULES"] + [name for mod in MODULES for name in mod.__all__]

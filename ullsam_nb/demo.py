@@ -4,22 +4,24 @@
 
 # %% ../nbs/19_demo.ipynb #645fce2d
 from __future__ import annotations
-import json, math, os, time
+import json, math, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .basics import InputError, save_json, load_json, atomic_write, default_device, progress, cache_dir, hash_json, torch_threads
+from .basics import InputError, save_json, load_json, atomic_write, default_device, progress, torch_threads, markdown_table
 
 # %% auto #0
-__all__ = ['IN_DOMAINS', 'OOD_DOMAINS', 'DEMO_MODELS', 'DEMO_PROTOCOLS', 'DEMO_SIZES', 'REAL_SOURCES', 'demo_plan',
-           'fit_real_sample', 'demo_world', 'demo_eval_sets', 'stage_cache_key', 'run_stage', 'evaluate_demo_models',
-           'paired_differences', 'pool_real', 'demo_figures', 'demo_table', 'write_report', 'demo_cmd']
+__all__ = ['IN_DOMAINS', 'OOD_DOMAINS', 'DEMO_MODELS', 'REFERENCE', 'DEMO_PAIRS', 'DEMO_PROTOCOLS', 'DEMO_SIZES', 'REAL_SOURCES',
+           'demo_plan', 'fit_real_sample', 'demo_world', 'demo_eval_sets', 'run_stage', 'reference_model',
+           'evaluate_demo_models', 'pool_real', 'demo_figures', 'demo_table', 'write_report', 'demo_cmd']
 
 # %% ../nbs/19_demo.ipynb #8eaa60b2
 IN_DOMAINS = ("fluo_nuclei", "fluo_cells", "phase_contrast")     # training domains
 OOD_DOMAINS = ("em_organelles", "he_nuclei")                       # held out: out-of-domain test only
 DEMO_MODELS = ("baseline", "ullsam", "ullsam_sbr", "frozen_vlk")
+REFERENCE = "pretrained"       # the SAM every variant starts from, evaluated as it is: what fine-tuning adds or costs
+DEMO_PAIRS = (("baseline", REFERENCE), ("ullsam", "baseline"), ("ullsam_sbr", "ullsam"), ("frozen_vlk", "baseline"), ("frozen_vlk", "ullsam"))   # (A, B): A - B
 DEMO_PROTOCOLS = ("box", "point", "ullsam_points")
 
 DEMO_SIZES = {
@@ -37,8 +39,8 @@ def _size_key(quick:bool, preset:str) -> str:
     if preset != "tiny": raise InputError(f"unknown preset {preset!r}; the demo knows 'tiny' and 'paper'")
     return "quick" if quick else "full"
 
-def _stage(key:str, cfg, steps, init_from=None, sam_from=None, note:str="") -> dict:
-    return dict(key=key, config=cfg, steps=steps, init_from=init_from, sam_from=sam_from, note=note)
+def _stage(key:str, cfg, steps, init_from=None, note:str="") -> dict:
+    return dict(key=key, config=cfg, steps=steps, init_from=init_from, note=note)
 
 def demo_plan(out="demo_out",            # output folder of the run
               quick:bool=False,          # the smoke-size run (under a minute on a CPU)
@@ -59,16 +61,16 @@ def demo_plan(out="demo_out",            # output folder of the run
     if S["batch_size"]: common["batch_size"] = S["batch_size"]
     if sam_checkpoint: common["sam_checkpoint"] = str(sam_checkpoint)
     if llm: common["llm"] = str(llm)
-    if preset == "tiny" and not sam_checkpoint: common.update(sam="small", sam_checkpoint="")   # the shipped, pretrained small SAM
+    if preset == "tiny" and not sam_checkpoint:     # the shipped, pretrained small SAM, fed the inputs it was trained on (SAM's mean/std)
+        common.update(sam="small", sam_checkpoint="", preprocess="sam")
     cfg = lambda **kw: load_config(preset=preset, **{**common, **kw})
     caption = dict(monitor="val_loss", monitor_mode="min", epochs=1)
     joint = dict(lr=S["stage3_lr"]) if S["stage3_lr"] else {}     # fine-tuning a pretrained SAM: a gentler learning rate
-    st, stages, sam0 = S["steps"], [], None
-    stages += [
-        _stage("stage1", cfg(stage=1, mode="ullsam", **caption), st["stage1"], sam_from=sam0, note="caption pre-training (mlp1)"),
+    st = S["steps"]
+    stages = [
+        _stage("stage1", cfg(stage=1, mode="ullsam", **caption), st["stage1"], note="caption pre-training (mlp1)"),
         _stage("stage2", cfg(stage=2, mode="ullsam", **caption), st["stage2"], init_from="stage1", note="caption SFT (LLM + mlp1)"),
-        _stage("baseline", cfg(stage=3, mode="baseline", **joint), st["stage3"], init_from=sam0,
-               note="joint stage, VLK off (SAM alone)"),
+        _stage("baseline", cfg(stage=3, mode="baseline", **joint), st["stage3"], note="joint stage, VLK off (SAM alone)"),
         _stage("ullsam", cfg(stage=3, mode="ullsam", **joint), st["stage3"], init_from="stage2", note="joint stage, the paper's model"),
         _stage("ullsam_sbr", cfg(stage=3, mode="ullsam", sbr_loss=True, **joint), st["stage3"], init_from="stage2",
                note="joint stage + SBR boundary loss (our extension)"),
@@ -131,25 +133,8 @@ def demo_eval_sets(plan:dict) -> dict:
     return sets
 
 # %% ../nbs/19_demo.ipynb #ab1872c5
-def _load_sam_into(model, folder:Path):
-    from ullsam_nb.model import ULLSAM
-    model.sam.load_state_dict(ULLSAM.load(folder).sam.state_dict())
-
-def stage_cache_key(stage:dict, world:dict) -> str:
-    "Cache key of a stage's result: its settings (not its output paths or device) and the world it trains on."
-    c = {k: v for k, v in asdict(stage["config"]).items() if k not in ("data", "device", "init")}
-    w = {k: world[k] for k in ("n_train", "size", "in_domains")}
-    return hash_json(dict(config=c, steps=stage["steps"], world=w, sam_from=stage["sam_from"], init_from=stage["init_from"]))
-
-def _copy_folder(src:Path, dst:Path):
-    import shutil
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.rmtree(dst, ignore_errors=True); os.replace(tmp, dst)
-
-def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> dict:
-    "Train one planned stage under `root/stages/<key>/`: skipped if `stage.json` shows it done with the same config, copied from `cache_dir('demo')` if `cache_key` is there."
+def run_stage(stage:dict, root, quiet:bool=False) -> dict:
+    "Train one planned stage under `root/stages/<key>/`, or skip it if `stage.json` shows it done with the same config and steps."
     from ullsam_nb.stages import build_model, build_task
     from ullsam_nb.train import Trainer
     root = Path(root); folder = root/"stages"/stage["key"]
@@ -160,29 +145,26 @@ def run_stage(stage:dict, root, quiet:bool=False, cache_key:str|None=None) -> di
         same = done.get("config") == json.loads(json.dumps(asdict(cfg), default=str))     # compare as stored (JSON keys are strings)
         if same and done.get("steps") == stage["steps"] and (folder/"model.safetensors").exists():
             return dict(done, skipped=True)
-    cached = cache_dir("demo", f"{stage['key']}-{cache_key}", create=False) if cache_key else None
-    if cached is not None and (cached/"stage.json").exists() and (cached/"model.safetensors").exists():
-        _copy_folder(cached, folder)
-        rec = dict(load_json(cached/"stage.json"), config=asdict(cfg), cached_from=str(cached))
-        save_json(rec, marker)
-        return dict(rec, skipped=True)
     t0 = time.perf_counter()
     cfg = replace(cfg, steps=stage["steps"] or 0)         # a step budget (0: the config's epochs)
     if stage["init_from"]: cfg = replace(cfg, init=str(root/"stages"/stage["init_from"]))
-    model = build_model(cfg)
-    if stage["sam_from"]: _load_sam_into(model, root/"stages"/stage["sam_from"])
-    task = build_task(cfg, model)
-    n_train = len(task.train_dataset)
+    task = build_task(cfg, build_model(cfg))
     res = Trainer(task, cfg, out=folder, quiet=quiet or None).fit()
     hist = res["history"]
     rec = dict(key=stage["key"], note=stage["note"], config=asdict(stage["config"]), steps=stage["steps"],
-               trained_steps=res["step"], epochs=res["epoch"], status=res["status"], n_train=n_train,
+               trained_steps=res["step"], epochs=res["epoch"], status=res["status"], n_train=len(task.train_dataset),
                n_val=len(getattr(task, "val_dataset", ())), wall_s=round(time.perf_counter() - t0, 1),
                first_loss=hist[0]["loss"] if hist else None, last_loss=hist[-1]["loss"] if hist else None,
                val=res["val"], trainable_params=sum(p.numel() for p in task.model.trainable_parameters()))
     save_json(rec, marker)
-    if cached is not None: _copy_folder(folder, cached)
     return dict(rec, skipped=False)
+
+# %% ../nbs/19_demo.ipynb #97bafc04
+def reference_model(plan:dict):
+    "The untrained `baseline` model of a plan: the pretrained SAM every stage-3 variant starts from, VLK off."
+    from ullsam_nb.stages import build_model
+    cfg = next(s["config"] for s in plan["stages"] if s["key"] == "baseline")
+    return build_model(replace(cfg, init="")).eval()
 
 # %% ../nbs/19_demo.ipynb #5c7a84eb
 def evaluate_demo_models(models:dict, sets:dict, protocols=DEMO_PROTOCOLS, seed:int=0, n_instances:int|None=None,
@@ -204,23 +186,6 @@ def evaluate_demo_models(models:dict, sets:dict, protocols=DEMO_PROTOCOLS, seed:
 
 
 
-# %% ../nbs/19_demo.ipynb #560bec26
-def paired_differences(per_image, pairs=(("ullsam", "baseline"), ("ullsam_sbr", "ullsam"), ("frozen_vlk", "baseline"), ("frozen_vlk", "ullsam")),
-                       metric:str="mSA", level:float=0.95):
-    "Per split and protocol, mean per-image `metric` difference of model A minus model B with a bootstrap CI (DataFrame)."
-    import pandas as pd
-    from ullsam_nb.metrics import mean_ci
-    rows = []
-    for (split, protocol), g in per_image.groupby(["split", "protocol"], sort=False):
-        wide = g.pivot_table(index="name", columns="model", values=metric)
-        for a, b in pairs:
-            if a not in wide or b not in wide: continue
-            d = (wide[a] - wide[b]).dropna().to_numpy()
-            mean, (lo, hi) = mean_ci(d, level)
-            rows.append(dict(split=split, protocol=protocol, a=a, b=b, metric=metric, diff=mean, lo=lo, hi=hi, n_images=len(d),
-                             verdict="no difference shown" if not (lo > 0 or hi < 0) else (f"{a} better" if lo > 0 else f"{b} better")))
-    return pd.DataFrame(rows)
-
 # %% ../nbs/19_demo.ipynb #0a135d1c
 def pool_real(per_image):
     "`per_image` plus the real-image rows again under one split `real (all)` (the per-domain real sets are small)."
@@ -237,7 +202,7 @@ def demo_figures(out, per_image, sets:dict, predictions:dict, logs:dict, protoco
     import matplotlib; matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from ullsam_nb.viz import show_instances, plot_training_curves, plot_metric_bars, save_figure
-    from ullsam_nb.train import read_log
+    from ullsam_nb.train_parts import read_log
     from ullsam_nb.evaluate import protocol_prompts
     out, paths = Path(out), []
     models = list(dict.fromkeys(per_image["model"]))
@@ -278,20 +243,14 @@ def demo_figures(out, per_image, sets:dict, predictions:dict, logs:dict, protoco
     return paths
 
 # %% ../nbs/19_demo.ipynb #72579587
+def _table(df) -> str: return markdown_table(df, index=True, missing="–")
+
 def demo_table(summary, metric:str="mSA"):
     "Table of `metric` from a summary: one row per split and protocol, one column per model."
     t = summary.pivot_table(index=["split", "protocol"], columns="model", values=metric, sort=False)
     t.columns.name = None
     return t
 
-def _md_table(df, floatfmt:str=".3f") -> str:
-    names = [n or "" for n in df.index.names]
-    cols = names + [str(c) for c in df.columns]
-    fmt = lambda v: (f"{v:{floatfmt}}" if isinstance(v, (float, np.floating)) and not np.isnan(v) else ("–" if isinstance(v, float) else str(v)))
-    key = lambda i: [str(x) for x in (i if isinstance(i, tuple) else (i,))]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(key(i) + [fmt(v) for v in row]) + " |" for i, row in zip(df.index, df.itertuples(index=False))]
-    return "\n".join(lines)
 
 # %% ../nbs/19_demo.ipynb #8cb0a54f
 REAL_SOURCES = ("Real images (CC0 / MIT / BSD-3): BBBC039v1 and BBBC038v1/DSB2018 (Broad Bioimage Benchmark Collection, CC0), "
@@ -327,7 +286,7 @@ def _floor_lines(summary) -> list:
             "learned to use the image there): " + "; ".join(below) + ".")
     return [head]
 
-def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures:list, wall:dict) -> Path:
+def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures:list, wall:dict, corrections=None) -> Path:
     "Write `out/report.md`: how the run was configured, what each stage did, the tables, the paired differences and what they mean."
     out = Path(out)
     w, ev = plan["world"], plan["evaluation"]
@@ -341,9 +300,9 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
          "µSAM/DSB-2018 definition, macro mean over images), by model, evaluation split and prompt protocol. "
          f"Each image prompts a seeded sample of at most {ev['n_instances']} instances (the same ones for every model); "
          "the score counts those instances only.", "",
-         _md_table(demo_table(summary, "mSA")), "",
+         _table(demo_table(summary, "mSA")), "",
          "## Results: instance Dice", "", "Mean Dice of each prompted instance's mask with its true instance.", "",
-         _md_table(demo_table(summary, "instance_dice")), "",
+         _table(demo_table(summary, "instance_dice")), "",
          "## Paired differences (mSA, 95% bootstrap CI over images)", "",
          "Same images and prompts for both models; an interval containing 0 means this run does not show a difference. "
          "uLLSAM point protocol, every split on its own (`metrics.json` has the other protocols too).", ""]
@@ -352,8 +311,13 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
         d["CI"] = [f"[{a:+.4f}, {b:+.4f}]" for a, b in zip(d.lo, d.hi)]
         d["A - B"] = [f"{a} - {b}" for a, b in zip(d.a, d.b)]
         d["diff"] = [f"{x:+.4f}" for x in d["diff"]]
-        L += [_md_table(d.set_index("split")[["protocol", "A - B", "diff", "CI", "n_images", "verdict"]]), ""]
+        L += [_table(d.set_index("split")[["protocol", "A - B", "diff", "CI", "n_images", "verdict"]]), ""]
     shown = d[d.verdict != "no difference shown"] if len(d) else d
+    if corrections is not None and len(corrections):
+        L += ["## Iterative correction: the mask prompt replaces the VLK, or is added to it", "",
+              "`ullsam` model, `iterative_point` protocol: one click, then a corrective click and the previous mask per round; "
+              "mSA, mean over images. `replace` follows the paper (the mask prompt takes the VLK's slot); `vlk_plus_mask` is the toolkit's option. "
+              "The floor is the watershed segment under the first click.", "", _table(corrections), ""]
     L += ["## What the numbers mean", ""]
     L += _floor_lines(summary)
     cap = [r for r in stages if r["key"] in ("stage1", "stage2") and r.get("first_loss") is not None]
@@ -378,8 +342,11 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
           "real information about the image; out-of-domain images have captions the model never saw.",
           "- Real images are cut at native resolution (a centre crop of the model's input size) and were never part of stages 1-3 "
           "(the pretrained SAM saw the left halves of the same images: see its model card).",
-          "- Stage 3 trains with uLLSAM's prompts (1 positive + 3 ring-negative points); `box` and `point` scores show how the "
-          "pretrained SAM's prompting survives it.", ""]
+          ("- Stage 3 trains with the generalist prompt mix the shipped SAM was pretrained with (boxes, single clicks, both, "
+           "clicks with ring negatives: `prompts='mixed'`), so fine-tuning keeps the prompting users rely on."
+           if {r["config"].get("prompts") for r in stages if r["config"]["stage"] == 3} == {"mixed"} else
+           "- Stage 3 trains with uLLSAM's prompts (1 positive + 3 ring-negative points); `box` and `point` scores show how the "
+           "pretrained SAM's prompting survives it."), ""]
     L += ["## How the run was configured", "",
           f"- World: training {w['n_train']} images of {', '.join(w['in_domains'])} (train/val split by name hash, seed "
           f"{plan['seed']}); in-domain test {w['n_test_in']} images (another seed); out-of-domain test {w['n_test_ood']} images of "
@@ -392,7 +359,7 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
         c = r["config"]; val = r.get("val") or {}
         vtxt = ", ".join(f"{k} {v:.3f}" for k, v in val.items()) or "–"
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None else "–"
-        L.append(f"| {r['key']} | {r['note']} | {c['mode']} | {c['sbr_loss']} | {r['trained_steps']} | {r['epochs']} | "
+        L.append(f"| {r['key']} | {r['note']} | {c['model']['mode']} | {c['sbr_loss']} | {r['trained_steps']} | {r['epochs']} | "
                  f"{c['batch_size']}×{c['accumulation']} | {c['lr']:g} | {r['n_train']} | {r['trainable_params']:,} | {loss} | {vtxt} | "
                  f"{r['wall_s']}{' (reused)' if r.get('skipped') else ''} |")
     L += ["", "## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in figures]
@@ -412,8 +379,9 @@ def _plan_text(plan:dict) -> str:
              f"{plan['world']['n_test_in']}, out-of-domain {plan['world']['n_test_ood']} ({', '.join(plan['world']['ood_domains'])})"]
     for s in plan["stages"]:
         c = s["config"]
-        start = s["init_from"] or (f"SAM of {s['sam_from']}" if s["sam_from"] else (c.sam_checkpoint or "random init"))
-        lines.append(f"  {s['key']:<11} stage {c.stage} mode {c.mode:<10} sbr_loss {str(c.sbr_loss):<5} sam {c.sam} llm {c.llm} "
+        m = c.model
+        start = s["init_from"] or m.sam_checkpoint or (f"the shipped {m.sam} SAM" if m.sam == "small" else "random init")
+        lines.append(f"  {s['key']:<11} stage {c.stage} mode {m.mode:<10} sbr_loss {str(c.sbr_loss):<5} sam {m.sam} llm {m.llm} "
                      f"steps {s['steps'] or f'{c.epochs} epochs'} batch {c.batch_size}x{c.accumulation} lr {c.lr:g} from {start}")
     ev = plan["evaluation"]
     lines.append(f"  evaluate {', '.join(plan['models'])} with {', '.join(ev['protocols'])} on in-domain, out-of-domain, real/<domain>")
@@ -437,36 +405,38 @@ def demo_cmd(out:str="demo_out",          # output folder: report.md, metrics.js
         raise InputError("--preset paper needs --sam-checkpoint PATH and --llm ID (real weights; run it on a GPU)")
     import pandas as pd
     from ullsam_nb.model import ULLSAM
-    from ullsam_nb.evaluate import summarize
+    from ullsam_nb.evaluate import summarize, paired_differences, mask_prompt_comparison
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter(); wall = {}
     with _threads(plan["device"]):
         demo_world(plan); wall["world_s"] = time.perf_counter() - t0
         t1 = time.perf_counter(); records = []
         for stage in progress(plan["stages"], desc="demo stages", disable=quiet or None):
-            key = stage_cache_key(stage, plan["world"]) if stage["key"] == "stage0" else None
-            records.append(run_stage(stage, out, quiet=quiet, cache_key=key))
+            records.append(run_stage(stage, out, quiet=quiet))
         wall["train_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         sets = demo_eval_sets(plan)
-        models = {m: ULLSAM.load(out/"stages"/m, device=plan["device"]) for m in plan["models"]}
+        models = {REFERENCE: reference_model(plan).to(plan["device"])}
+        models.update({m: ULLSAM.load(out/"stages"/m, device=plan["device"]) for m in plan["models"]})
         predictions = {}
         ev = plan["evaluation"]
         per_image, per_instance = evaluate_demo_models(models, sets, ev["protocols"], ev["seed"], ev["n_instances"], predictions, quiet)
+        corrections = mask_prompt_comparison(models["ullsam"], sets, ev["seed"], ev["n_instances"], quiet=quiet)
         wall["eval_s"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         summary = summarize(per_image, by=("model", "split", "protocol"), metrics=("mSA", "SA50", "SA75", "F1", "instance_dice"))
-        diffs = paired_differences(per_image)            # per split: the real domains are never pooled
+        diffs = paired_differences(per_image, DEMO_PAIRS, by=("split", "protocol"))            # per split: the real domains are never pooled
         logs = {r["key"]: out/"stages"/r["key"]/"log.csv" for r in records}
         figures = demo_figures(out, per_image, sets, predictions, logs, seed=ev["seed"], n_instances=ev["n_instances"])
         with atomic_write(out/"per_image.csv", "w") as f: per_image.to_csv(f, index=False)
         wall["report_s"] = time.perf_counter() - t3
         wall["total_s"] = time.perf_counter() - t0
-        report = write_report(out, plan, records, summary, per_image, diffs, figures, wall)
+        report = write_report(out, plan, records, summary, per_image, diffs, figures, wall, corrections)
     clean = lambda df: df.astype(object).where(df.notna(), None).to_dict("records")
     plan_json = dict(plan, stages=[dict(s, config=asdict(s["config"])) for s in plan["stages"]])
     save_json(dict(plan=plan_json, wall_s={k: round(v, 1) for k, v in wall.items()}, torch_threads=1 if plan["device"] == "cpu" else None,
                    stages=records, summary=clean(summary), differences=clean(diffs), per_image=clean(per_image),
+                   mask_prompts=clean(corrections.reset_index()),
                    figures=[Path(p).name for p in figures]), out/"metrics.json")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print("mSA (mean over images): rows split and protocol, columns models")

@@ -18,14 +18,16 @@ from .prompts import as_rng, sample_instance_ids, boxes_from_labels, positive_po
 from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS, evaluate_folder, mean_ci
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
-from .sam import (as_segmenter, embed_image, decode_prompts, prompts_to_input, masks_to_labels, automatic_segmentation,
-                           unit_uint8, prompt_extent)
+from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent
+from .embeddings import embed_image
+from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'FLOORS', 'protocol_prompts', 'corrective_point', 'prompted_segmentation', 'evaluate_image', 'grey',
            'otsu_foreground', 'distance_watershed', 'floor_prediction', 'evaluate_floors', 'evaluate_models',
-           'summarize', 'save_results', 'worst_cases', 'show_worst_cases', 'format_table', 'evaluate_cmd']
+           'summarize', 'save_results', 'paired_differences', 'mask_prompt_comparison', 'worst_cases',
+           'show_worst_cases', 'format_table', 'evaluate_cmd']
 
 # %% ../nbs/15_evaluate.ipynb #78b67676
 PROTOCOLS = ("box", "point", "ullsam_points", "iterative_point", "iterative_box", "auto")
@@ -294,6 +296,34 @@ def save_results(per_image, per_instance, out) -> Path:
         with atomic_path(out / f"{name}.csv") as tmp: df.to_csv(tmp, index=False)
     save_json(dict(per_image=per_image.to_dict("records"), summary=summary.to_dict("records")), out / "results.json")
     return out
+
+# %% ../nbs/15_evaluate.ipynb #b1a9574c
+def paired_differences(per_image, pairs, by=("dataset", "protocol"), metric:str="mSA", level:float=0.95) -> pd.DataFrame:
+    "Per group of `by`, the mean per-image `metric` difference of model A minus model B for each `(A, B)` in `pairs` (same images), with a bootstrap CI and a verdict."
+    rows = []
+    for key, g in per_image.groupby(list(by), sort=False):
+        wide = g.pivot_table(index="name", columns="model", values=metric)
+        for a, b in pairs:
+            if a not in wide or b not in wide: continue
+            d = (wide[a] - wide[b]).dropna().to_numpy()
+            mean, (lo, hi) = mean_ci(d, level)
+            rows.append(dict(zip(by, key), a=a, b=b, metric=metric, diff=mean, lo=lo, hi=hi, n_images=len(d),
+                             verdict="no difference shown" if not (lo > 0 or hi < 0) else (f"{a} better" if lo > 0 else f"{b} better")))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/15_evaluate.ipynb #9a4d589e
+def mask_prompt_comparison(model, sets:dict, seed:int=0, n_instances:int|None=None, iterations:int=3, quiet:bool=True):
+    "mSA per split and correction round of `iterative_point` for `model` with each way of giving it the previous mask (`decode.MASK_PROMPTS`), and the click floor."
+    rows = []
+    for split, samples in sets.items():
+        for way in MASK_PROMPTS:
+            img, _ = evaluate_models({way: model}, samples, protocols=("iterative_point",), dataset=split, seed=seed,
+                                     n_instances=n_instances, n_iterations=iterations, mask_prompt=way, cache=False, progress_bar=not quiet)
+            rows.append(img)
+        rows.append(evaluate_floors(samples, protocols=("point",), dataset=split, seed=seed, n_instances=n_instances).assign(iteration=0))
+    t = pd.concat(rows, ignore_index=True).pivot_table(index=["dataset", "iteration"], columns="model", values="mSA", sort=False)
+    t.index.names, t.columns.name = ["split", "round"], None
+    return t
 
 # %% ../nbs/15_evaluate.ipynb #7d5baeb7
 def worst_cases(per_image, metric:str="mSA", k:int=4, **where):

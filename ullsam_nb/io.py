@@ -178,7 +178,7 @@ def write_image(path, image) -> Path:
 
 # %% ../nbs/01_io.ipynb #5adc5aa2
 def as_label_map(labels, path=None) -> np.ndarray:
-    "Validate an instance label map: `(H,W)`, unsigned int up to uint32 (bool/non-negative signed converted); else `InputError`."
+    "Validate an instance label map: `(H,W)` non-negative integer ids below 2**32, its dtype kept (bool becomes uint8); else `InputError`."
     labels = np.asarray(labels)
     if labels.ndim == 3 and labels.shape[-1] == 4 and labels[..., 3].min() == labels[..., 3].max():
         labels = labels[..., :3]                                           # RGBA with constant alpha
@@ -193,8 +193,7 @@ def as_label_map(labels, path=None) -> np.ndarray:
     if labels.dtype.kind == "i" and labels.size and labels.min() < 0: raise InputError(f"negative ids in label map (min {labels.min()})", path)
     top = int(labels.max()) if labels.size else 0
     if top >= 2**32: raise InputError(f"label id {top} exceeds uint32", path)
-    if labels.dtype.kind == "u" and labels.dtype.itemsize <= 4: return labels
-    return labels.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)
+    return labels
 
 def relabel_sequential(labels) -> np.ndarray:
     "Renumber ids to 1..n in order of their old value (scikit-image's `relabel_sequential`), keeping the dtype."
@@ -213,11 +212,14 @@ def decode_labels(data:bytes, suffix:str=None, relabel:bool=False) -> np.ndarray
     return relabel_sequential(labels) if relabel else labels
 
 def encode_labels(labels, suffix:str=".tif") -> bytes:
-    "A label map as lossless file bytes (`.tif` up to uint32, `.png` up to 65535); JPEG is refused."
+    "A label map as lossless file bytes (`.tif` up to uint32, `.png` up to 65535; signed and 64-bit ids in the smallest unsigned type); JPEG is refused."
     suf = suffix.lower() if suffix.startswith(".") else "." + suffix.lower()
     labels = as_label_map(labels)
     if labels.size == 0: raise InputError(f"zero-size label map (shape {labels.shape}): nothing to write")
     if suf in JPEG_SUFFIXES: raise InputError("JPEG is lossy and would corrupt instance ids: write label maps as .tif or .png")
+    if labels.dtype.kind == "i" or labels.dtype.itemsize > 4:          # files are compact: the smallest unsigned type of the ids
+        top = int(labels.max())
+        labels = labels.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)
     if suf in PNG_SUFFIXES:
         top = int(labels.max())
         if top >= 2**16: raise InputError(f"PNG holds ids up to 65535 but this label map has id {top}: use .tif")

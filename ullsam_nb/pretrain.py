@@ -16,17 +16,19 @@ from scipy import ndimage as ndi
 from .basics import InputError, save_json, load_json, shared_data_dir, hash_file
 from .io import read_image, read_labels, image_to_unit, list_images, mask_path_for, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .synth import synth_sample, DOMAINS, DOMAIN_RANGES
-from .prompts import instance_slices, boxes_from_labels, positive_points, boundary_ring_points
+from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
 from .instance import instance_targets
-from .sam import build_sam, decode_prompts, save_model, unit_uint8
-from .train import Trainer, TrainConfig
+from .sam import build_sam, save_model
+from .decode import decode_prompts
+from .segmenter import unit_uint8
+from .train import Trainer
+from .train_parts import TrainConfig
 from .evaluate import corrective_point, evaluate_models
 
 # %% auto #0
-__all__ = ['PRETRAIN_PROMPTS', 'PRETRAIN_PROMPT_MIX', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half',
-           'read_real_pairs', 'real_crop', 'augment', 'model_input', 'PretrainDataset', 'sample_prompts', 'roi_weights',
-           'mask_loss', 'mask_ious', 'instance_loss', 'PretrainTask', 'train_config', 'pretrain_sam', 'pretrain_cmd',
-           'publish']
+__all__ = ['PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs', 'real_crop', 'augment',
+           'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious', 'instance_loss', 'PretrainTask',
+           'train_config', 'pretrain_sam', 'pretrain_cmd', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -146,25 +148,6 @@ class PretrainDataset(torch.utils.data.Dataset):
         return dict(image=model_input(image), labels=torch.from_numpy(labels.astype(np.int64)),
                     targets=torch.from_numpy(instance_targets(labels, self.grid)), index=torch.tensor([self.epoch, int(i)]))
 
-# %% ../nbs/15a_pretrain.ipynb #2ca1fa7b
-PRETRAIN_PROMPTS = ("box", "point", "box+point", "points")
-PRETRAIN_PROMPT_MIX = (0.35, 0.3, 0.1, 0.25)
-
-def sample_prompts(labels:np.ndarray, ids:np.ndarray, kind:str, rng:np.random.Generator, slices=None) -> dict:
-    "Prompts of `kind` for instances `ids`: `boxes` (N,4) or None, `points` (N,P,2) or None, `point_labels` (N,P)."
-    slices = instance_slices(labels) if slices is None else slices
-    boxes = boxes_from_labels(labels, ids, jitter=0.1, rng=rng, slices=slices) if kind in ("box", "box+point") else None
-    if kind == "box": return dict(boxes=boxes, points=None, point_labels=None)
-    n_pos = int(rng.integers(1, 4)) if kind == "points" else 1
-    pts = [positive_points(labels, ids, erosion=int(rng.integers(0, 4)), rng=rng, slices=slices) for _ in range(n_pos)]
-    lab = [np.ones(len(ids), np.int64)] * n_pos
-    n_neg = int(rng.integers(0, 4)) if kind == "points" else 0
-    if n_neg:
-        inner = float(rng.uniform(1.5, 6))
-        neg = boundary_ring_points(labels, ids, n=n_neg, inner=inner, outer=inner + 3, rng=rng, slices=slices)
-        pts += [neg[:, j] for j in range(n_neg)]; lab += [np.zeros(len(ids), np.int64)] * n_neg
-    return dict(boxes=boxes, points=np.stack(pts, 1).astype(np.float32), point_labels=np.stack(lab, 1))
-
 # %% ../nbs/15a_pretrain.ipynb #772be816
 def roi_weights(boxes:np.ndarray, shape, scale:float, outside:float=0.1, margin:float=0.25, min_margin:float=8) -> torch.Tensor:
     "Per-pixel BCE weights `(N,h,w)` on a grid `scale` times smaller than the image: 1 in each box grown by a margin, `outside` elsewhere."
@@ -226,16 +209,15 @@ class PretrainTask:
         ids = np.array([i for i, (r, c) in slices.items() if (labels[r, c] == i).sum() >= 12], np.int64)
         if len(ids) == 0: return None
         ids = rng.choice(ids, min(self.cfg.max_instances, len(ids)), replace=False)
-        kind = PRETRAIN_PROMPTS[int(rng.choice(len(PRETRAIN_PROMPTS), p=PRETRAIN_PROMPT_MIX))]
-        p = sample_prompts(labels, ids, kind, rng, slices)
+        p = mixed_prompt_sampler(labels, ids, rng, slices=slices)
         dev = emb.device
         gt = labels[None] == ids[:, None, None]
         target = F.avg_pool2d(torch.from_numpy(gt.astype(np.float32))[:, None], self.size // self.grid)[:, 0].to(dev)
         weight = roi_weights(boxes_from_labels(labels, ids, slices=slices), target.shape[-2:], self.size / self.grid,
                              self.cfg.outside_weight).to(dev)
         tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
-        coords, plabels, boxes = tens(p["points"]), tens(p["point_labels"], torch.int64), tens(p["boxes"])
-        multimask = kind == "point"
+        coords, plabels, boxes = tens(p.points), tens(p.point_labels, torch.int64), tens(p.boxes)
+        multimask = p.kind == "point"      # a lone click is ambiguous: SAM's three masks
         low, iou = decode_prompts(self.model, emb, coords, plabels, boxes, multimask=multimask)
         low = low.float()
         seg = mask_loss(low, target, weight)
@@ -250,7 +232,7 @@ class PretrainTask:
             low2, iou2 = decode_prompts(self.model, emb, coords, plabels, boxes, mask_input=low.detach()[rows, best][:, None])
             low2 = low2.float()
             loss = loss + mask_loss(low2, target, weight).mean() + F.mse_loss(iou2.float(), mask_ious(low2.detach(), target))
-        return loss, kind
+        return loss, p.kind
 
     def training_step(self, batch:dict) -> dict:
         "Loss of one batch: prompted masks (+ correction) per image, plus the instance head."
@@ -273,9 +255,8 @@ class PretrainTask:
 
 # %% ../nbs/15a_pretrain.ipynb #d3d5852b
 def train_config(cfg:PretrainConfig):
-    "The shared loop's `TrainConfig` for a pretraining recipe."
-    epochs = math.ceil(cfg.steps * cfg.batch_size / cfg.images_per_epoch)
-    return TrainConfig(task="pretrain", epochs=epochs, schedule_steps=cfg.steps, max_steps=cfg.steps, batch_size=cfg.batch_size,
+    "The shared loop's `TrainConfig` for a pretraining recipe: a budget of `steps` optimizer steps (the loop plans the epochs)."
+    return TrainConfig(task="pretrain", steps=cfg.steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip,
                        precision=cfg.precision, seed=cfg.seed, monitor="mSA", keep_epoch_checkpoints=False, log_every=5)
 

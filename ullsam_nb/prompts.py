@@ -11,8 +11,9 @@ from .basics import InputError
 from .io import instance_ids, as_label_map   # the one definition of a label map's ids, and its validation
 
 # %% auto #0
-__all__ = ['as_rng', 'instance_slices', 'sample_instance_ids', 'boxes_from_labels', 'positive_points', 'boundary_ring_points',
-           'PromptSet', 'ullsam_prompts']
+__all__ = ['PROMPT_KINDS', 'PROMPT_MIX', 'as_rng', 'instance_slices', 'sample_instance_ids', 'boxes_from_labels',
+           'positive_points', 'boundary_ring_points', 'PromptSet', 'ullsam_prompts', 'sample_prompts',
+           'mixed_prompt_sampler']
 
 # %% ../nbs/05_prompts.ipynb #1997fe1c
 def as_rng(rng=None) -> np.random.Generator:
@@ -127,11 +128,12 @@ def boundary_ring_points(labels, ids=None, n:int=3, inner:float=9.0, outer:float
 # %% ../nbs/05_prompts.ipynb #e3f65d11
 @dataclass
 class PromptSet:
-    "Prompts for N instances of one image: `ids` (N,), `points` (N,P,2) xy, `point_labels` (N,P) (1 pos, 0 neg, -1 pad), `boxes` (N,4) xyxy."
+    "Prompts for N instances of one image: `ids` (N,), `points` (N,P,2) xy, `point_labels` (N,P) (1 pos, 0 neg, -1 pad), `boxes` (N,4) xyxy; `kind` names a generalist-mix kind."
     ids: np.ndarray
     points: np.ndarray
     point_labels: np.ndarray
     boxes: np.ndarray
+    kind: str|None = None
     def __len__(self): return len(self.ids)
 
 def ullsam_prompts(labels, n_instances:int|None=4, n_negative:int=3, seed=0, erosion:int=10,
@@ -148,3 +150,32 @@ def ullsam_prompts(labels, n_instances:int|None=4, n_negative:int=3, seed=0, ero
     pad = np.isnan(points).any(-1)
     points[pad], point_labels[pad] = 0, -1
     return PromptSet(ids, points, point_labels, boxes_from_labels(labels, ids, slices=slices))
+
+# %% ../nbs/05_prompts.ipynb #00da8660
+PROMPT_KINDS = ("box", "point", "box+point", "points")
+
+def sample_prompts(labels, ids, kind:str, rng=None, slices:dict|None=None) -> PromptSet:
+    "A `PromptSet` of `kind` (one of `PROMPT_KINDS`) for instances `ids`: the prompt types the kind does not use are None."
+    if kind not in PROMPT_KINDS: raise InputError(f"prompt kind must be one of {PROMPT_KINDS}, not {kind!r}")
+    rng, ids = as_rng(rng), np.asarray(ids, dtype=np.int64).reshape(-1)
+    slices = instance_slices(labels) if slices is None else slices
+    boxes = boxes_from_labels(labels, ids, jitter=0.1, rng=rng, slices=slices) if kind in ("box", "box+point") else None
+    if kind == "box": return PromptSet(ids, None, None, boxes, kind)
+    n_pos = int(rng.integers(1, 4)) if kind == "points" else 1
+    pts = [positive_points(labels, ids, erosion=int(rng.integers(0, 4)), rng=rng, slices=slices) for _ in range(n_pos)]
+    lab = [np.ones(len(ids), np.int64)] * n_pos
+    n_neg = int(rng.integers(0, 4)) if kind == "points" else 0
+    if n_neg:
+        inner = float(rng.uniform(1.5, 6))
+        neg = boundary_ring_points(labels, ids, n=n_neg, inner=inner, outer=inner + 3, rng=rng, slices=slices)
+        pts += [neg[:, j] for j in range(n_neg)]; lab += [np.zeros(len(ids), np.int64)] * n_neg
+    return PromptSet(ids, np.stack(pts, 1).astype(np.float32), np.stack(lab, 1), boxes, kind)
+
+# %% ../nbs/05_prompts.ipynb #5f630c61
+PROMPT_MIX = (0.35, 0.3, 0.1, 0.25)   # chances of PROMPT_KINDS
+
+def mixed_prompt_sampler(labels, ids, rng=None, mix=PROMPT_MIX, slices:dict|None=None) -> PromptSet:
+    "Prompts of one kind drawn from `mix` (chances of `PROMPT_KINDS`) for instances `ids` (`InstanceDataset`'s `prompt_sampler`)."
+    rng = as_rng(rng)
+    kind = PROMPT_KINDS[int(rng.choice(len(PROMPT_KINDS), p=mix))]
+    return sample_prompts(labels, ids, kind, rng, slices)

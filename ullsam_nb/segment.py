@@ -10,8 +10,9 @@ import numpy as np
 from .basics import InputError, progress, cache_dir, output_folder
 from .io import read_image, read_labels, write_labels, list_images, check_same_size
 from .prompts import instance_ids, boxes_from_labels, positive_points
-from .sam import (as_segmenter, SAM_REGISTRY, build_sam, load_model, read_checkpoint, segment_prompts, automatic_segmentation,
-                           masks_to_labels, embed_images, embedding_cache_path, model_identity, sam_architecture, unit_uint8)
+from .sam import SAM_REGISTRY, build_sam, load_model, read_checkpoint, model_identity, sam_architecture
+from .segmenter import as_segmenter, segment_prompts, automatic_segmentation, masks_to_labels, unit_uint8
+from .embeddings import embed_images, embedding_cache_path
 from .tiling import needs_tiling, tile_grid
 from .model import ULLSAM
 

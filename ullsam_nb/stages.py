@@ -5,19 +5,20 @@
 # %% ../nbs/14a_stages.ipynb #4849ab96
 from __future__ import annotations
 import os
-from dataclasses import dataclass, field, fields, asdict, replace
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
 from .basics import InputError, output_folder, save_json, load_json
-from .model import STAGES, MODES   # one home for the stage and mode names: the model
-from .train import (TrainConfig, make_config, save_config, check_world_size, decay_groups, init_distributed, barrier,
-                             Trainer, ToyTask)
+from .model_config import STAGES, UllsamConfig   # one home for the stage names and the model's settings: the model
+from .train import Trainer, ToyTask
+from .train_parts import (TrainConfig, config_settings, make_config, save_config, check_world_size, decay_groups,
+                                   init_distributed, barrier)
 
 # %% auto #0
-__all__ = ['PRESETS', 'parse_stages', 'StageConfig', 'stage_config', 'load_config', 'stage_configs', 'CaptionDataset',
-           'collate_captions', 'CaptionTask', 'prompted_instance_scores', 'SegmentationTask', 'synthetic_world',
-           'training_pairs', 'build_model', 'build_task', 'train_cmd', 'train_stages']
+__all__ = ['STAGE3_PROMPTS', 'PRESETS', 'parse_stages', 'StageConfig', 'stage_config', 'load_config', 'stage_configs',
+           'CaptionDataset', 'collate_captions', 'CaptionTask', 'prompted_instance_scores', 'SegmentationTask',
+           'synthetic_world', 'training_pairs', 'build_model', 'build_task', 'train_cmd', 'train_stages']
 
 # %% ../nbs/14a_stages.ipynb #7d5078b3
 def parse_stages(text) -> list:
@@ -37,28 +38,31 @@ def parse_stages(text) -> list:
     return out
 
 def _stage_settings(d, path=None) -> dict:
-    "`stage_settings` checked: {stage number: {setting: value}} with known settings (not stage/stages/stage_settings)."
+    "`stage_settings` checked: {stage number: {setting: value}} with known settings (any `config_settings` name; not stage/stages/stage_settings)."
     if not d: return {}
     if not isinstance(d, dict): raise InputError("stage_settings must map stage numbers to settings", path)
-    known = {f.name for f in fields(StageConfig)} - {"stage", "stages", "stage_settings"}
     out = {}
     for k, v in d.items():
         try: s = int(k)
         except (TypeError, ValueError): s = None
         if s not in STAGES: raise InputError(f"stage_settings: {k!r} is not a stage ({sorted(STAGES)})", path)
         if not isinstance(v, dict): raise InputError(f"stage_settings[{k}] must be a mapping of settings", path)
-        bad = sorted(set(v) - known)
-        if bad: raise InputError(f"stage_settings[{k}]: unknown or not per-stage setting(s) {', '.join(bad)}", path)
+        try: names = config_settings(StageConfig, v)
+        except InputError as e: raise InputError(f"stage_settings[{k}]: {e.problem}", path) from None
+        bad = sorted(set(names) & {"stage", "stages", "stage_settings"})
+        if bad: raise InputError(f"stage_settings[{k}]: not per-stage setting(s) {', '.join(bad)}", path)
         out[s] = dict(v)
     return out
 
 # %% ../nbs/14a_stages.ipynb #e9347e71
+STAGE3_PROMPTS = ("sbr", "mixed")
+
 @dataclass
 class StageConfig(TrainConfig):
     "A uLLSAM training run: the loop's settings (`TrainConfig`) plus the stage, the model and the data; presets in `PRESETS`."
     task: str = "ullsam"                # ullsam, or toy (the loop's `ToyTask`: tests the loop and the CLI in seconds)
     stage: int = 3                      # 1 caption pre-training (mlp1), 2 caption SFT (LLM + mlp1), 3 joint segmentation
-    mode: str = "ullsam"                # baseline | ullsam | frozen_vlk (stage 3)
+    model: UllsamConfig = field(default_factory=UllsamConfig)   # the model (`model_config.UllsamConfig`): sam, sam_checkpoint, llm, llm_dtype, trust_remote_code, mode, preprocess, ...; its seed is `seed`
     sbr_loss: bool = False              # add the SBR boundary-aware loss term (our extension)
     boundary_weight: float = 1.0        # weight of that term when `sbr_loss` is on
     data: str = ""                      # dataset folder (images/ + masks/ + captions.jsonl) or a JSONL manifest
@@ -66,30 +70,33 @@ class StageConfig(TrainConfig):
     split_seed: int = 0                 # seed of the name-hash train/val/test split
     max_train_images: int = 0           # 0 = all
     max_val_images: int = 0             # 0 = all
-    sam: str = "tiny"                   # SAM architecture: tiny | vit_b | vit_l | vit_h
-    sam_checkpoint: str = ""            # official SAM / micro-sam checkpoint (empty: random init)
-    llm: str = "tiny"                   # "tiny", "random" (benchmarks) or a local path / model id of the LLM
-    llm_dtype: str = ""                 # dtype of the (frozen) LLM weights, e.g. "bfloat16" (empty: as loaded)
-    trust_remote_code: bool = False     # let transformers run the LLM's own code (InternLM2)
     init: str = ""                      # start from a saved model folder (model.safetensors + config.json), e.g. stage 2's output
     stages: str = ""                    # chain stages, e.g. "1,2,3": each starts from the previous one's model (OUT/stage1, ...); empty: `stage` alone
     stage_settings: dict = field(default_factory=dict)  # per-stage overrides when chaining, e.g. {1: {epochs: 1}, 2: {lr_llm: 1.0e-5}}
     synth_n: int = 80                   # with empty `data`: images of the synthetic world generated into the cache
-    input_mode: str = "ullsam"          # ullsam (square resize, [0,1]) | sam (longest side + pad, SAM mean/std)
     max_instances: int = 4              # prompted instances per image
-    n_negative: int = 3                 # ring negatives per instance
+    n_negative: int = 3                 # ring negatives per instance (prompts='sbr')
+    prompts: str = "sbr"                # stage-3 training prompts: sbr (the paper: 1 positive + ring negatives) | mixed (boxes, clicks, both: `prompts.mixed_prompt_sampler`)
     lr_llm: float = 1e-5                # the LLM's learning rate in stage 2
+
+    # short names for the model's settings (the flat keys of earlier configs and runs; `input_mode` was `preprocess`)
+    aliases = dict(sam="model.sam", sam_checkpoint="model.sam_checkpoint", llm="model.llm", llm_dtype="model.llm_dtype",
+                   trust_remote_code="model.trust_remote_code", mode="model.mode", preprocess="model.preprocess",
+                   input_mode="model.preprocess")
+
+    def __post_init__(self):
+        if self.model.seed != self.seed: self.model = replace(self.model, seed=self.seed)    # one seed: the loop's seeds the model's new weights too
 
     def title(self) -> str:
         "What the progress bar calls this run."
         return f"train stage {self.stage}"
 
     def check(self, path=None) -> StageConfig:
-        "The loop's checks, then task, stage, mode, `stages` and `stage_settings` (returned with stage numbers as keys)."
+        "The loop's checks, then task, stage, prompts, `stages` and `stage_settings` (returned with stage numbers as keys); `model` checks itself."
         super().check(path)
         if self.task not in ("ullsam", "toy"): raise InputError(f"task must be 'ullsam' or 'toy', not {self.task!r}", path)
         if self.stage not in STAGES: raise InputError(f"stage must be one of {sorted(STAGES)}, not {self.stage}", path)
-        if self.mode not in MODES: raise InputError(f"mode must be one of {MODES}, not {self.mode!r}", path)
+        if self.prompts not in STAGE3_PROMPTS: raise InputError(f"prompts must be one of {STAGE3_PROMPTS}, not {self.prompts!r}", path)
         if self.stages: parse_stages(self.stages)
         return replace(self, stage_settings=_stage_settings(self.stage_settings, path))
 
@@ -100,14 +107,14 @@ def stage_config(base:StageConfig|dict|None=None, path=None, **overrides) -> Sta
 
 # %% ../nbs/14a_stages.ipynb #2d1f935c
 PRESETS = {
-    "tiny": dict(stage=3, mode="ullsam", data="", sam="tiny", llm="tiny", epochs=4, batch_size=2, accumulation=1,
-                 lr=1e-3, warmup=0.03, clip=1.0, precision="auto", seed=42, max_instances=4, n_negative=3,
+    "tiny": dict(stage=3, model=dict(sam="tiny", llm="tiny", mode="ullsam"), data="", epochs=4, batch_size=2, accumulation=1,
+                 lr=1e-3, warmup=0.03, clip=1.0, precision="auto", seed=42, max_instances=4, n_negative=3, prompts="mixed",
                  synth_n=80, max_train_images=64, max_val_images=8, stage_settings={1: dict(epochs=1), 2: dict(epochs=1)}),
-    "paper": dict(stage=3, mode="ullsam", data="data/ullsam/train.jsonl", val_data="data/ullsam/val.jsonl",
-                  sam="vit_b", sam_checkpoint="checkpoints/vit_b_em.pt", llm="OpenGVLab/InternVL2_5-2B", llm_dtype="bfloat16", trust_remote_code=True,
-                  input_mode="ullsam", epochs=24, batch_size=1, accumulation=8, lr=1e-3, weight_decay=0.01,
-                  warmup=0.03, clip=1.0, precision="bf16", seed=42, max_instances=4, n_negative=3, num_workers=4,
-                  stages="1,2,3", stage_settings={1: dict(epochs=1), 2: dict(epochs=1, lr_llm=1e-5)}, world_size=4),
+    "paper": dict(stage=3, model=dict(sam="vit_b", sam_checkpoint="checkpoints/vit_b_em.pt", llm="OpenGVLab/InternVL2_5-2B",
+                                      llm_dtype="bfloat16", trust_remote_code=True, mode="ullsam", preprocess="ullsam"),
+                  data="data/ullsam/train.jsonl", val_data="data/ullsam/val.jsonl", epochs=24, batch_size=1, accumulation=8,
+                  lr=1e-3, weight_decay=0.01, warmup=0.03, clip=1.0, precision="bf16", seed=42, max_instances=4, n_negative=3,
+                  num_workers=4, stages="1,2,3", stage_settings={1: dict(epochs=1), 2: dict(epochs=1, lr_llm=1e-5)}, world_size=4),
 }
 
 def load_config(path=None, preset:str|None=None, **overrides) -> StageConfig:
@@ -115,7 +122,7 @@ def load_config(path=None, preset:str|None=None, **overrides) -> StageConfig:
     base = {}
     if preset:
         if preset not in PRESETS: raise InputError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        base.update(PRESETS[preset])
+        base.update(config_settings(StageConfig, PRESETS[preset]))
     if path:
         path = Path(path)
         if not path.exists(): raise InputError("config file not found", path)
@@ -126,7 +133,7 @@ def load_config(path=None, preset:str|None=None, **overrides) -> StageConfig:
             except yaml.YAMLError as e: raise InputError(f"not valid YAML ({e})", path) from None
         if data is None: data = {}
         if not isinstance(data, dict): raise InputError("a training config must be a mapping of settings", path)
-        base.update(data)
+        base.update(config_settings(StageConfig, data, path))     # each layer in one vocabulary, so a file's `model.sam` beats a preset's `sam`
     return stage_config(base, path=path, **overrides)
 
 # %% ../nbs/14a_stages.ipynb #f87f3d4f
@@ -195,7 +202,7 @@ class CaptionTask:
 def prompted_instance_scores(logits, labels, ids) -> dict:
     "Scores of N predicted instance logits (N,H,W) (original pixels) against instances `ids` of `labels`: mSA, SA50, dice."
     from ullsam_nb.metrics import instance_metrics, prompted_metrics
-    from ullsam_nb.sam import masks_to_labels
+    from ullsam_nb.segmenter import masks_to_labels
     labels, ids = np.asarray(labels), np.asarray(ids).reshape(-1)
     if torch.is_tensor(logits): logits = logits.detach().float().cpu()
     pred = (logits > 0).numpy() if torch.is_tensor(logits) else np.asarray(logits) > 0
@@ -207,14 +214,16 @@ def prompted_instance_scores(logits, labels, ids) -> dict:
 
 # %% ../nbs/14a_stages.ipynb #484241a8
 class SegmentationTask:
-    "Stage 3 (joint segmentation) of a `ULLSAM` model: SBR prompts, per-instance BCE + soft Dice (+ SBR boundary term); validation mSA/Dice."
+    "Stage 3 (joint segmentation) of a `ULLSAM` model: SBR or mixed prompts, per-instance BCE + soft Dice (+ SBR boundary term); validation mSA/Dice."
     def __init__(self, model, train_pairs, val_pairs=(), config:StageConfig|None=None):
         from functools import partial
         from ullsam_nb.data import InstanceDataset, collate_instances
         from ullsam_nb.sbr import sbr_prompt_sampler
+        from ullsam_nb.prompts import mixed_prompt_sampler
         self.cfg = config or StageConfig()
         self.model = model.set_stage(3)
-        sampler = partial(sbr_prompt_sampler, n_negative=self.cfg.n_negative)
+        self.use_boxes = self.cfg.prompts == "mixed"     # SBR prompts carry boxes too, but the paper decodes its points only
+        sampler = mixed_prompt_sampler if self.use_boxes else partial(sbr_prompt_sampler, n_negative=self.cfg.n_negative)
         kw = dict(max_instances=self.cfg.max_instances, prompt_sampler=sampler, sam_size=model.image_size,
                   mode=model.config.preprocess, cache=True)
         self.train_dataset = InstanceDataset(train_pairs, seed=self.cfg.seed, **kw)
@@ -233,7 +242,7 @@ class SegmentationTask:
     def training_step(self, batch) -> dict:
         "`joint_loss` of one collated batch: loss, bce, dice_loss, boundary, n_instances."
         from ullsam_nb.model import joint_loss
-        out = joint_loss(self.model, self._to_device(batch), boundary_weight=self.boundary_weight)
+        out = joint_loss(self.model, self._to_device(batch), boundary_weight=self.boundary_weight, use_boxes=self.use_boxes)
         out["dice_loss"] = out.pop("dice")        # the soft Dice *loss*; log.csv's `dice` column is the validation Dice *score*
         return out
 
@@ -244,7 +253,7 @@ class SegmentationTask:
         rows = []
         for i in range(len(self.val_dataset)):
             batch = self.task_batch(i)
-            out = joint_forward(self.model, batch)
+            out = joint_forward(self.model, batch, use_boxes=self.use_boxes)
             logits = masks_to_original(out["logits"].float().cpu(), batch["info"][0]) if len(out["logits"]) else out["logits"].cpu()
             rows.append(prompted_instance_scores(logits, batch["labels"][0].numpy(), batch["ids"][0].numpy()))
         return {k: float(np.mean([r[k] for r in rows])) for k in ("mSA", "SA50", "dice")} if rows else {}
@@ -292,14 +301,17 @@ def training_pairs(cfg:StageConfig) -> tuple[list, list]:
 # %% ../nbs/14a_stages.ipynb #33c5bde1
 def build_model(cfg:StageConfig):
     "The `ULLSAM` model of a training config (from `init` when given), on the CPU."
-    from ullsam_nb.model import ULLSAM, UllsamConfig
+    from ullsam_nb.model import ULLSAM
+    m = cfg.model
     if cfg.init:
         saved = load_json(Path(cfg.init)/"config.json")
-        over = {} if saved.get("mode") == cfg.mode else dict(mode=cfg.mode, stage_parts=None)
+        over = {} if saved.get("mode") == m.mode else dict(mode=m.mode, stage_parts=None)
         return ULLSAM.load(cfg.init, **over)
-    mc = UllsamConfig(sam=cfg.sam, sam_checkpoint=cfg.sam_checkpoint or None, llm=cfg.llm, llm_dtype=cfg.llm_dtype or None,
-                      trust_remote_code=cfg.trust_remote_code, mode=cfg.mode, preprocess=cfg.input_mode, seed=cfg.seed)
-    return ULLSAM.from_config(mc)
+    if m.sam == "small" and not m.sam_checkpoint and m.preprocess != "sam":
+        import warnings
+        warnings.warn("the shipped small SAM was trained on SAM's mean/std inputs: use preprocess='sam' "
+                      f"(preprocess={m.preprocess!r} costs it about 0.16 box mSA on the demo's in-domain images)")
+    return ULLSAM.from_config(replace(m, seed=cfg.seed))
 
 # %% ../nbs/14a_stages.ipynb #1e83e6be
 def build_task(cfg:StageConfig, model=None):

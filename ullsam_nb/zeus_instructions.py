@@ -12,7 +12,8 @@ from torch import nn
 from .basics import InputError, hash_json, save_json, load_json, default_device, seed_everything
 from .vlm_backend import VLMBackend, vlm_image
 from .vlm_text import render_prompt
-from .zeus import MODALITY_NAMES, ZEUS_INSTANCE, handbook_instruction, _encoder_corpus
+from .zeus_world import MODALITY_NAMES
+from .zeus import ZEUS_INSTANCE, handbook_instruction, _encoder_corpus
 
 # %% auto #0
 __all__ = ['SHARED_TOWER', 'VISION_CLASSES', 'Projector', 'load_vision_tower', 'ZeusInstructionWriter', 'tiny_instruction_writer',

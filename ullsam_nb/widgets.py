@@ -198,8 +198,11 @@ class DatasetViewer:
 # %% ../nbs/18_widgets.ipynb #c2e9a714
 def ipympl_canvas(shape, on_click) -> tuple:
     "An ipympl figure canvas showing an `(H,W)` image frame edge to edge, `on_click(event)` on button presses: `(canvas, image artist)`."
-    import matplotlib.pyplot as plt
-    with plt.ioff(): fig = plt.figure(figsize=(4, 4))
+    import matplotlib, matplotlib.pyplot as plt
+    was = matplotlib.is_interactive()
+    matplotlib.interactive(False)       # not shown on its own: the widget shows it (plt.ioff() also unhooks IPython, which fails in some kernels)
+    try: fig = plt.figure(figsize=(4, 4))
+    finally: matplotlib.interactive(was)
     H, Wd = shape[:2]
     ax = fig.add_axes((0, 0, 1, 1)); ax.set_axis_off()
     artist = ax.imshow(np.zeros((H, Wd, 3)), extent=(-0.5, Wd - 0.5, H - 0.5, -0.5), interpolation="nearest")

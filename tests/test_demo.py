@@ -44,6 +44,8 @@ def test_quick_demo_outputs(quick_run):
     for fig in m["figures"]:
         p = out / fig
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+    from PIL import Image
+    assert Image.open(out / "overlays.png").size[0] < 240 * 6.5      # truth + pretrained + 4 models: floors draw no overlay panels
     for s in m["stages"]:
         assert (out / "stages" / s["key"] / "model.safetensors").exists()
 

@@ -205,7 +205,7 @@ def demo_figures(out, per_image, sets:dict, predictions:dict, logs:dict, protoco
     from ullsam_nb.train_parts import read_log
     from ullsam_nb.evaluate import protocol_prompts
     out, paths = Path(out), []
-    models = list(dict.fromkeys(per_image["model"]))
+    models = [m for m in dict.fromkeys(per_image["model"]) if not str(m).startswith("floor:")]   # floors have no overlays: they are in the bars
     fig, axes = plt.subplots(len(sets), len(models) + 1, figsize=(2.4 * (len(models) + 1), 2.4 * len(sets)), squeeze=False)
     for row, (split, samples) in zip(axes, sets.items()):
         smp = samples[0]; name = smp.pair.name

@@ -312,7 +312,8 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
         d["A - B"] = [f"{a} - {b}" for a, b in zip(d.a, d.b)]
         d["diff"] = [f"{x:+.4f}" for x in d["diff"]]
         L += [_table(d.set_index("split")[["protocol", "A - B", "diff", "CI", "n_images", "verdict"]]), ""]
-    shown = d[d.verdict != "no difference shown"] if len(d) else d
+    shown = d[d.verdict.str.endswith("better")] if len(d) else d
+    vlk_shown = len(shown) > 0 and bool(((shown.a == "ullsam") & (shown.b == "baseline")).any())
     if corrections is not None and len(corrections):
         L += ["## Iterative correction: the mask prompt replaces the VLK, or is added to it", "",
               "`ullsam` model, `iterative_point` protocol: one click, then a corrective click and the previous mask per round; "
@@ -328,9 +329,9 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
               "of SAM's own embedding: do not read the VLK comparisons here as evidence for or against the method."]
     L += [
           f"- Images per split: {', '.join(f'{k} {v}' for k, v in n_split.items())}. With this few images the intervals are wide; "
-          "a difference is only reported as shown when its whole interval is on one side of 0 "
-          f"({len(shown)} of the {len(d)} comparisons in the table above)"
-          + (". In this run VLK makes no difference that the data can show." if len(shown) == 0 else "."),
+          "a difference is only reported as shown when its whole interval is on one side of 0 and at least 3 images stand "
+          f"behind it ({len(shown)} of the {len(d)} comparisons in the table above)"
+          + (". In this run VLK (ullsam vs baseline) makes no difference that the data can show." if not vlk_shown else "."),
           "- Every variant starts from the same pretrained SAM (the toolkit's shipped `small` model, or `--sam-checkpoint`) and "
           "trains the same number of steps, so the comparison isolates the VLK path (ullsam vs baseline), the boundary loss "
           "(ullsam_sbr vs ullsam) and the frozen path (frozen_vlk).",

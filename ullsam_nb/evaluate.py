@@ -298,8 +298,8 @@ def save_results(per_image, per_instance, out) -> Path:
     return out
 
 # %% ../nbs/15_evaluate.ipynb #b1a9574c
-def paired_differences(per_image, pairs, by=("dataset", "protocol"), metric:str="mSA", level:float=0.95) -> pd.DataFrame:
-    "Per group of `by`, the mean per-image `metric` difference of model A minus model B for each `(A, B)` in `pairs` (same images), with a bootstrap CI and a verdict."
+def paired_differences(per_image, pairs, by=("dataset", "protocol"), metric:str="mSA", level:float=0.95, min_images:int=3) -> pd.DataFrame:
+    "Per group of `by`, the mean per-image `metric` difference of model A minus model B for each `(A, B)` in `pairs` (same images), with a bootstrap CI and a verdict (none below `min_images`)."
     rows = []
     for key, g in per_image.groupby(list(by), sort=False):
         wide = g.pivot_table(index="name", columns="model", values=metric)
@@ -307,8 +307,9 @@ def paired_differences(per_image, pairs, by=("dataset", "protocol"), metric:str=
             if a not in wide or b not in wide: continue
             d = (wide[a] - wide[b]).dropna().to_numpy()
             mean, (lo, hi) = mean_ci(d, level)
-            rows.append(dict(zip(by, key), a=a, b=b, metric=metric, diff=mean, lo=lo, hi=hi, n_images=len(d),
-                             verdict="no difference shown" if not (lo > 0 or hi < 0) else (f"{a} better" if lo > 0 else f"{b} better")))
+            verdict = ("too few images" if len(d) < min_images else "no difference shown" if not (lo > 0 or hi < 0)
+                       else f"{a} better" if lo > 0 else f"{b} better")      # a bootstrap over 1-2 images proves nothing
+            rows.append(dict(zip(by, key), a=a, b=b, metric=metric, diff=mean, lo=lo, hi=hi, n_images=len(d), verdict=verdict))
     return pd.DataFrame(rows)
 
 # %% ../nbs/15_evaluate.ipynb #9a4d589e

@@ -43,3 +43,16 @@ def test_input_error_exits_2_with_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "broken_cmd", broken_cmd, raising=False)
     assert main(["broken", "--path", "x/y.tif"]) == 2
     assert "x/y.tif: not a label map" in capsys.readouterr().err
+
+def test_evaluate_scores_the_floors_beside_the_predictions(tmp_path):
+    import numpy as np
+    from ullsam_nb.io import write_labels, write_image
+    gt = np.zeros((32, 32), np.uint16); gt[4:12, 4:12] = 1; gt[18:28, 16:30] = 2
+    write_labels(tmp_path/"gt/a.png", gt); write_labels(tmp_path/"pred/a.png", gt)
+    write_image(tmp_path/"img/a.png", np.where(gt > 0, 220, 30).astype(np.uint8))
+    args = ("evaluate", "--pred", str(tmp_path/"pred"), "--gt", str(tmp_path/"gt"), "--images", str(tmp_path/"img"))
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert all(f in r.stdout for f in ("floor:box", "floor:otsu_box", "floor:watershed_click", "floor:otsu_watershed"))
+    r = run(*args, "--prompts", "lasso")
+    assert r.returncode == 2 and "unknown prompt type 'lasso'" in r.stderr

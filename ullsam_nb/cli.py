@@ -21,7 +21,7 @@ COMMANDS = {
     "segment":    ("ullsam_nb.segment",   "segment_cmd",    "Segment a folder of images with the toolkit's SAM (or any SAM / uLLSAM checkpoint): box, point or automatic prompts."),
     "precompute": ("ullsam_nb.segment",   "precompute_cmd", "Compute and cache SAM image embeddings for a folder of images (per tile for images that `segment` tiles)."),
     "pretrain":   ("ullsam_nb.pretrain",  "pretrain_cmd",   "Pretrain the toolkit's own generalist SAM (the shipped `small` model) on synthetic and real microscopy."),
-    "evaluate":   ("ullsam_nb.evaluate",  "evaluate_cmd",   "Compare predicted label maps with ground truth by file name: mSA, SA50, SA75, Dice, F1, precision, recall."),
+    "evaluate":   ("ullsam_nb.evaluate",  "evaluate_cmd",   "Compare predicted label maps with ground truth by file name: mSA, SA50, SA75, Dice, F1, precision, recall; with --images, beside the classical floors."),
     "describe":   ("ullsam_nb.vlm",       "describe_cmd",   "Describe (or classify, count, question) every image in a folder with a VLM, resumably, into a JSONL file."),
     "train":      ("ullsam_nb.stages",    "train_cmd",      "Train uLLSAM (any stage) from a preset and/or config file; writes the model, config, log and checkpoints to OUT."),
     "bench-vlm":  ("ullsam_nb.bench_vlm", "bench_vlm_cmd",  "Benchmark a VLM (and SAM) on classification, counting, segmentation or VQA; resumable, writes results.json, tables and plots."),

@@ -12,7 +12,7 @@ from .io import SamInputInfo, points_to_input, boxes_to_input
 
 # %% auto #0
 __all__ = ['RASTER_BOX', 'RASTER_CLICK', 'RASTER_SIGMA', 'MASK_PROMPTS', 'prompts_to_input', 'prompt_raster', 'decode_prompts',
-           'decode_dense']
+           'decode_dense', 'lone_click_masks', 'best_mask']
 
 # %% ../nbs/08b_decode.ipynb #34f1a31c
 def _as_tensor(a, device, dtype=torch.float32):
@@ -57,8 +57,8 @@ def prompt_raster(point_coords, point_labels, boxes, grid:int, size:int, n:int, 
 
 # %% ../nbs/08b_decode.ipynb #11ec54a2
 def decode_prompts(model:Sam, embedding:torch.Tensor, point_coords=None, point_labels=None, boxes=None,
-                   mask_input=None, dense_prompt=None, multimask:bool=False) -> tuple:
-    "One mask-decoder call for N prompts in the model's input frame: `(low-res logits (N,M,4h,4w), iou predictions (N,M))`; M = 3 if `multimask` else 1."
+                   mask_input=None, dense_prompt=None, multimask:bool|str=False) -> tuple:
+    "One mask-decoder call for N prompts in the model's input frame: `(low-res logits (N,M,4h,4w), iou predictions (N,M))`; M = 3 if `multimask`, 4 if `'all'` (the single mask first, then the three), else 1."
     raster = getattr(model, "raster_prompts", False)
     if dense_prompt is not None and mask_input is not None and not raster: raise ValueError("pass either dense_prompt or mask_input, not both")
     points = None if point_coords is None else (point_coords, point_labels)
@@ -76,8 +76,10 @@ def decode_prompts(model:Sam, embedding:torch.Tensor, point_coords=None, point_l
         if dense_prompt.shape[-3:] != dense.shape[-3:]:
             raise ValueError(f"dense_prompt {tuple(dense_prompt.shape)} does not match the prompt encoder's (N,{', '.join(map(str, dense.shape[-3:]))})")
         dense = dense_prompt.to(dense.dtype).expand(sparse.shape[0], -1, -1, -1) if dense_prompt.shape[0] == 1 else dense_prompt
-    return model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
-                              sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+    args = dict(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+    if multimask == "all": return model.mask_decoder.predict_masks(**args)       # every mask token: one pass, nothing sliced
+    return model.mask_decoder(**args, multimask_output=bool(multimask))
 
 # %% ../nbs/08b_decode.ipynb #e956271e
 MASK_PROMPTS = ("replace", "vlk_plus_mask")
@@ -94,3 +96,15 @@ def decode_dense(model:Sam, embedding:torch.Tensor, point_coords=None, point_lab
             mask_input = None
     return decode_prompts(model, embedding, point_coords, point_labels, boxes, mask_input=mask_input,
                           dense_prompt=dense_prompt, multimask=multimask)
+
+# %% ../nbs/08b_decode.ipynb #1e4e3410
+def lone_click_masks(model) -> bool|str:
+    "The `multimask` that decodes an ambiguous prompt (a lone click) for `model` (a SAM, or anything holding one as `.sam`): `'all'` four masks for weights trained with `lone_click='all'`, else SAM's three (`True`)."
+    sam = getattr(model, "sam", model)
+    return "all" if getattr(sam, "lone_click", "three") == "all" else True
+
+def best_mask(low:torch.Tensor, iou:torch.Tensor) -> tuple:
+    "Per prompt, the mask with the highest predicted IoU: `(N,M,h,w), (N,M)` -> `(N,1,h,w), (N,1)`."
+    pick, rows = iou.argmax(1), torch.arange(len(iou), device=iou.device)
+    return low[rows, pick][:, None], iou[rows, pick][:, None]
+

@@ -15,19 +15,20 @@ from skimage.segmentation import watershed
 from .basics import InputError, atomic_path, save_json, progress
 from .io import masks_to_original
 from .prompts import as_rng, sample_instance_ids, boxes_from_labels, positive_points, ullsam_prompts
-from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS, evaluate_folder, mean_ci
+from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS, evaluate_folder, mean_ci, mean_metrics
+from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
 from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent
 from .embeddings import embed_image
-from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS
+from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS, lone_click_masks, best_mask
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'FLOORS', 'protocol_prompts', 'corrective_point', 'prompted_segmentation', 'evaluate_image', 'grey',
            'otsu_foreground', 'distance_watershed', 'floor_prediction', 'evaluate_floors', 'evaluate_models',
            'summarize', 'save_results', 'paired_differences', 'mask_prompt_comparison', 'worst_cases',
-           'show_worst_cases', 'format_table', 'evaluate_cmd']
+           'show_worst_cases', 'format_table', 'floors_for_folder', 'evaluate_cmd']
 
 # %% ../nbs/15_evaluate.ipynb #78b67676
 PROTOCOLS = ("box", "point", "ullsam_points", "iterative_point", "iterative_box", "auto")
@@ -74,10 +75,9 @@ def _decode_steps(seg, emb, info, gt_masks, boxes, points, plabels, multimask:bo
     for it in range(steps):
         coords, lab, bx = prompts_to_input(info, points, plabels, boxes, device=dev)
         mm = multimask and it == 0
-        low, iou = seg.decode(emb.to(dev), coords, lab, bx, mask_input=mask_in, dense_prompt=dp, mask_prompt=mask_prompt, multimask=mm)
-        if mm:
-            pick = iou.argmax(1)
-            low, iou = low[torch.arange(n), pick][:, None], iou[torch.arange(n), pick][:, None]
+        low, iou = seg.decode(emb.to(dev), coords, lab, bx, mask_input=mask_in, dense_prompt=dp, mask_prompt=mask_prompt,
+                              multimask=lone_click_masks(seg) if mm else False)
+        if mm: low, iou = best_mask(low, iou)
         masks = (masks_to_original(low[:, 0], info) > seg.mask_threshold).cpu().numpy()
         yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
@@ -355,13 +355,31 @@ def format_table(report:dict) -> str:
                       line("pooled (TP/FP/FN summed)", report["pooled"])])
 
 # %% ../nbs/15_evaluate.ipynb #212a4eab
+def floors_for_folder(images, gt, protocols=("box", "point", "auto")) -> dict:
+    "Mean metrics over the images in folder `images` of the classical floors of `protocols`, given the prompts `ullsam segment --gt` derives from the label maps in `gt` (every instance, seed 0): `{floor: {metric: mean}}`."
+    per = {}
+    for f in list_images(images, masks="refuse"):
+        g = labels_for(f, gt); image, labels = read_image(f), read_labels(g)
+        check_same_size(image.shape, labels.shape, f, g)
+        for protocol in protocols:
+            for floor in FLOORS[protocol]: per.setdefault(floor, []).append(instance_metrics(labels, floor_prediction(floor, image, labels)))
+    return {floor: {k: mean_metrics(rs)[k] for k in SCALAR_METRICS} for floor, rs in per.items()}
+
 def evaluate_cmd(pred:str, # folder of predicted label maps
                  gt:str,   # folder of ground-truth label maps (same file names)
-                 out:str=None, # JSON file to write (per_image, mean, pooled)
+                 out:str=None, # JSON file to write (per_image, mean, pooled, and floors with --images)
+                 images:str=None, # folder of the images: also score the classical floors on them in the same run (no learning; the prompts segment --gt derives)
+                 prompts:str=None, # with --images: the floors of these prompts only (box, point or auto; default all)
                 ) -> int:
-    "Compare predicted label maps with ground truth by file name: mSA, SA50, SA75, Dice, F1, precision, recall."
+    "Compare predicted label maps with ground truth by file name: mSA, SA50, SA75, Dice, F1, precision, recall; with --images, beside the classical floors."
+    if prompts is not None and prompts not in FLOORS: raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
     report = evaluate_folder(pred, gt)
     print(format_table(report))
+    if images is not None:
+        report["floors"] = floors_for_folder(images, gt, (prompts,) if prompts else tuple(FLOORS))
+        w = max(len(n) for n in report["floors"]) + 2
+        print(f"\nclassical floors, same images and prompts (mean over images):")
+        for name, m in report["floors"].items(): print(f"  {name:<{w}}" + "  ".join(f"{k} {m[k]:.4f}" for k in ("mSA", "SA50", "dice")))
     if out is not None:
         save_json(report, out); print(f"wrote {out}")
     return 0

@@ -18,7 +18,7 @@ __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', '
            'decode_labels', 'encode_labels', 'write_labels', 'instance_ids', 'to_rgb', 'normalize_percentile',
            'finite_image', 'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam', 'masks_to_original',
            'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'check_same_size', 'read_pair',
-           'find_mask', 'ullsam_record', 'looks_like_mask', 'list_images']
+           'find_mask', 'labels_for', 'ullsam_record', 'looks_like_mask', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -416,6 +416,17 @@ def find_mask(image_path) -> Path:
     if m.exists() or not m.parent.is_dir(): return m
     alt = sorted(p for p in m.parent.glob(m.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return alt[0] if alt else m
+
+# %% ../nbs/01_io.ipynb #279e3f1f
+def labels_for(image_path, folder) -> Path:
+    "The ground-truth label map of `image_path` in a separate `folder` (the `--gt` of the CLI): the same file name, else the same stem with an image suffix."
+    image_path, folder = Path(image_path), Path(folder)
+    p = folder/image_path.name
+    if p.exists(): return p
+    cands = sorted(q for q in folder.glob(image_path.stem + ".*") if q.suffix.lower() in IMAGE_SUFFIXES)
+    if not cands: raise InputError(f"no ground-truth mask for image {image_path.name}", folder)
+    return cands[0]
+
 
 # %% ../nbs/01_io.ipynb #e8615a18
 CAPTION_INSTRUCTION = "Describe the image in detail"     # uLLSAM's caption instruction, verbatim

@@ -120,7 +120,8 @@ class ULLSAM(nn.Module):
         from ullsam_nb.basics import output_folder
         folder = output_folder(folder, "model folder")
         with atomic_path(folder/"model.safetensors") as p:
-            save_model(self, str(p), metadata={"format": "ullsam_nb.model/1", "mode": self.config.mode})
+            save_model(self, str(p), metadata={"format": "ullsam_nb.model/1", "mode": self.config.mode,
+                                               "lone_click": getattr(self.sam, "lone_click", "three")})
         self.config.to_json(folder/"config.json")
         return folder
 
@@ -128,11 +129,13 @@ class ULLSAM(nn.Module):
     def load(cls, folder, device=None, **overrides) -> "ULLSAM":
         "Load a model saved by `save` (config fields may be overridden, e.g. `mode='frozen_vlk'`, which also takes that mode's freezing policy)."
         from safetensors.torch import load_model
+        from safetensors import safe_open
         folder = check_saved_model(folder)
         model = cls.from_config(saved_config(folder, **overrides), pretrained=False)   # every weight comes from the folder: no 'random weights' warning
         try: load_model(model, str(folder/"model.safetensors"), strict=True)
         except RuntimeError as e: raise InputError(f"weights do not fit the config: {str(e)[:400]}", folder/"model.safetensors") from None
         model.config.sam_checkpoint = load_json(folder/"config.json").get("sam_checkpoint")
+        with safe_open(str(folder/"model.safetensors"), "pt") as f: model.sam.lone_click = (f.metadata() or {}).get("lone_click", "three")
         return model.to(device) if device is not None else model
 
     # --- what the model is: the segmenting interface's descriptors (`ullsam_nb.segmenter`); a VLK describes the whole image: no tiling ---

@@ -48,6 +48,7 @@ class PretrainConfig:
     real_fraction: float = 0.3          # share of training images cut from the real pairs (left halves)
     real_dir: str = ""                  # folder of <domain>/images + <domain>/masks (empty: the workspace's shared/data/real)
     correction: float = 0.3             # share of images given one iterative-correction round
+    click_object: bool = False          # lone clicks also train the single mask as the whole object (decoded as 'all' masks)
     size_range: tuple = (0.6, 2.2)      # object-size factor range for synthetic images (log-uniform)
     images_per_epoch: int = 400         # an epoch = a checkpoint + a validation
     val_images: int = 8                 # synthetic validation images (never the real pairs)
@@ -193,6 +194,7 @@ class PretrainTask:
         self.model = model if model is not None else build_sam(cfg.architecture, pretrained=False, seed=cfg.seed)
         if model is None:
             with torch.no_grad(): self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_(0, cfg.pe_scale)
+        if cfg.click_object: self.model.lone_click = "all"      # saved with the weights: decoders pick among all four masks
         size = self.model.image_encoder.img_size
         self.size, self.grid = size, 4 * self.model.prompt_encoder.image_embedding_size[0]
         self.real = read_real_pairs(cfg.real_dir or None, half="left") if real_pairs is None else real_pairs
@@ -217,14 +219,16 @@ class PretrainTask:
                              self.cfg.outside_weight).to(dev)
         tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
         coords, plabels, boxes = tens(p.points), tens(p.point_labels, torch.int64), tens(p.boxes)
-        multimask = p.kind == "point"      # a lone click is ambiguous: SAM's three masks
-        low, iou = decode_prompts(self.model, emb, coords, plabels, boxes, multimask=multimask)
+        lone = p.kind == "point"           # a lone click is ambiguous: SAM's three masks
+        every = lone and self.cfg.click_object     # ... and the single mask, trained as the whole object
+        low, iou = decode_prompts(self.model, emb, coords, plabels, boxes, multimask="all" if every else lone)
         low = low.float()
         seg = mask_loss(low, target, weight)
         ious = mask_ious(low.detach(), target)
-        best = seg.argmin(1)
         rows = torch.arange(len(ids), device=dev)
-        loss = seg[rows, best].mean() + F.mse_loss(iou.float(), ious)
+        three = seg[:, 1:] if every else seg
+        loss = three.min(1).values.mean() + (seg[:, 0].mean() if every else 0) + F.mse_loss(iou.float(), ious)
+        best = seg.argmin(1)
         if rng.random() < self.cfg.correction:
             pts, lab = _correction_clicks(low.detach()[rows, best], gt)
             coords = tens(pts) if coords is None else torch.cat([coords, tens(pts)], 1)
@@ -313,7 +317,7 @@ def _card(record:dict, quality:dict|None) -> str:
              f"- Data: {1 - cfg['real_fraction']:.0%} synthetic (`ullsam_nb.synth`, 5 domains + BBBC005 style, object size ×{cfg['size_range'][0]}–{cfg['size_range'][1]}), "
              f"{cfg['real_fraction']:.0%} crops of the **left halves** of the real pairs in `shared/data/real` "
              f"({', '.join(record.get('real_pairs', [])) or 'none'}); flips, 90° turns, gamma, contrast, noise, blur, inversion.",
-             f"- Prompts: box / one click (multimask) / box + click / 1–3 positive + 0–3 ring-negative clicks; ≤ {cfg['max_instances']} objects per image; "
+             f"- Prompts: box / one click (multimask{'; the single mask also trained as the whole object' if cfg.get('click_object') else ''}) / box + click / 1–3 positive + 0–3 ring-negative clicks; ≤ {cfg['max_instances']} objects per image; "
              f"one corrective click with the previous mask on {cfg['correction']:.0%} of images; prompts also as a dense map (`sam.prompt_raster`); "
              f"position-feature scale {cfg['pe_scale']}; BCE weighted 1 near the box, "
              f"{cfg['outside_weight']} elsewhere, + soft Dice; IoU head by MSE; instance head: foreground + boundary distance.",
@@ -338,15 +342,16 @@ def _card(record:dict, quality:dict|None) -> str:
 def publish(run, quality=None, name:str="small", dest=None) -> Path:
     "Copy a pretraining run folder into the package (or `dest`) as the shipped weights of registry model `name`, with record and model card."
     import platform, shutil
-    from ullsam_nb.sam import weights_dir, PRETRAINED, load_model
+    from ullsam_nb.sam import weights_dir, PRETRAINED, load_model, save_model
     run = Path(run)
     record = load_json(run/"pretrain.json")
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None
-    shutil.copyfile(run/"sam.safetensors", dest/f"{stem}.safetensors")
+    if record["config"].get("click_object"): model.lone_click = "all"      # the weights say how they answer a lone click
+    save_model(model, dest, stem)
     if quality: shutil.copyfile(quality, dest/f"{stem}_quality.json")          # the benchmark the card quotes, beside it
-    rec = load_json(run/"sam.json")
+    rec = load_json(dest/f"{stem}.json")
     rec.update(weights=f"{stem}.safetensors", sha256=hash_file(dest/f"{stem}.safetensors"), card=f"{stem}.md", training=record,
                parameters=sum(p.numel() for p in model.parameters()))
     record.update(parameters=rec["parameters"], machine=f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip())

@@ -129,7 +129,10 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if not path.exists(): raise InputError("checkpoint file not found", path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        try: return load_file(str(path)), {"format": "ullsam"}
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
+            return load_file(str(path)), {**meta, "format": "ullsam"}
         except Exception as e: raise InputError(f"not a readable safetensors file: {e}", path) from None
     obj = _torch_load(path)
     if _is_tensor_dict(obj): state, extras = obj, {"format": "sam"}
@@ -168,6 +171,7 @@ def load_checkpoint(model:Sam, path) -> dict:
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
     model.ullsam_checkpoint = str(path)
+    model.lone_click = extras.get("lone_click", "three")     # how the weights were trained to answer a lone click
     return extras
 
 # %% ../nbs/08_sam.ipynb #559cb92f
@@ -179,8 +183,9 @@ def save_model(model:Sam, dir, name:str="sam") -> Path:
     arch = sam_architecture(model)
     if arch not in SAM_REGISTRY: raise InputError(f"cannot save a model of unknown architecture {arch!r} (build it with build_sam)")
     weights = dir/f"{name}.safetensors"
-    with atomic_write(weights) as f: f.write(save(state, metadata={"architecture": arch}))
-    save_json({"architecture": arch, "weights": weights.name, "weights_hash": hash_state_dict(state),
+    lone = getattr(model, "lone_click", "three")
+    with atomic_write(weights) as f: f.write(save(state, metadata={"architecture": arch, "lone_click": lone}))
+    save_json({"architecture": arch, "lone_click": lone, "weights": weights.name, "weights_hash": hash_state_dict(state),
                "sha256": hash_file(weights), "format": "ullsam_nb.sam/1"}, dir/f"{name}.json")
     return weights
 

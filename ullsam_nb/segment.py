@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 import numpy as np
 from .basics import InputError, progress, cache_dir, output_folder
-from .io import read_image, read_labels, write_labels, list_images, check_same_size
+from .io import read_image, read_labels, write_labels, list_images, check_same_size, labels_for
 from .prompts import instance_ids, boxes_from_labels, positive_points
 from .sam import SAM_REGISTRY, build_sam, load_model, read_checkpoint, model_identity, sam_architecture
 from .segmenter import as_segmenter, segment_prompts, automatic_segmentation, masks_to_labels, unit_uint8
@@ -67,14 +67,6 @@ def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam
     return masks_to_labels(masks, scores, ids=ids)
 
 # %% ../nbs/15b_segment.ipynb #0ca17bc4
-def _gt_for(image_path:Path, gt:Path) -> Path:
-    p = gt/image_path.name
-    if p.exists(): return p
-    from ullsam_nb.io import IMAGE_SUFFIXES
-    cands = sorted(q for q in gt.glob(image_path.stem + ".*") if q.suffix.lower() in IMAGE_SUFFIXES)
-    if not cands: raise InputError(f"no ground-truth mask for image {image_path.name}", gt)
-    return cands[0]
-
 def _label_name(image_path:Path) -> str:
     return image_path.name if image_path.suffix.lower() in (".tif", ".tiff", ".png") else image_path.stem + ".tif"
 
@@ -108,7 +100,7 @@ def segment_cmd(images:str, # folder of input images
     for f in progress(files, desc=f"segment ({prompts})"):
         image, gt_labels = read_image(f), None
         if prompts in ("box", "point"):
-            g = _gt_for(f, gt); gt_labels = read_labels(g)
+            g = labels_for(f, gt); gt_labels = read_labels(g)
             check_same_size(image.shape, gt_labels.shape, f, g)   # the same check evaluate and train make
         labels = segment_image(net, image, prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset, tile=tile, **auto)
         write_labels(out/_label_name(f), labels, tif_fallback=True)   # ids > 65535 for a .png input: .tif, with a warning

@@ -16,7 +16,7 @@ from .instance import instances_from_maps
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles
 from .sam import sam_architecture
 from .embeddings import embed_image
-from .decode import decode_dense, prompts_to_input
+from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
 __all__ = ['AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter', 'segment_prompts', 'unit_uint8', 'prompt_extent',
@@ -78,10 +78,9 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
         return torch.zeros(shape, dtype=torch.float32 if return_logits else torch.bool), torch.zeros((0, 3) if m else (0,))
     dp = None if dense_prompt is None else dense_prompt.to(dev)
     mi = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32).to(dev)
-    low, iou = seg.decode(embedding.to(dev), coords, labels, bx, mask_input=mi, dense_prompt=dp, mask_prompt=mask_prompt, multimask=multimask)
-    if multimask and best:
-        pick, rows = iou.argmax(1), torch.arange(n, device=iou.device)
-        low, iou = low[rows, pick][:, None], iou[rows, pick][:, None]
+    mm = (lone_click_masks(seg) if best else True) if multimask else False      # without `best`: SAM's three, as SamPredictor gives
+    low, iou = seg.decode(embedding.to(dev), coords, labels, bx, mask_input=mi, dense_prompt=dp, mask_prompt=mask_prompt, multimask=mm)
+    if multimask and best: low, iou = best_mask(low, iou)
     M = low.shape[1]
     outs = []
     for s in range(0, n, chunk):

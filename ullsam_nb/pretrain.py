@@ -48,7 +48,7 @@ class PretrainConfig:
     real_fraction: float = 0.3          # share of training images cut from the real pairs (left halves)
     real_dir: str = ""                  # folder of <domain>/images + <domain>/masks (empty: the workspace's shared/data/real)
     correction: float = 0.3             # share of images given one iterative-correction round
-    click_object: bool = False          # lone clicks also train the single mask as the whole object (decoded as 'all' masks)
+    click_object: bool = True           # lone clicks also train the single mask as the whole object (decoded as 'all' masks)
     size_range: tuple = (0.6, 2.2)      # object-size factor range for synthetic images (log-uniform)
     images_per_epoch: int = 400         # an epoch = a checkpoint + a validation
     val_images: int = 8                 # synthetic validation images (never the real pairs)

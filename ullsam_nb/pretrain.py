@@ -288,11 +288,12 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
                  seed:int=0, # seed of the data, the prompts and the initial weights
                  resume:bool=False, # continue an interrupted run from OUT/checkpoints/last.pt
                  threads:int=0, # CPU threads for torch (0: torch's default)
+                 click_object:bool=True, # lone clicks also train the single mask as the whole object (--no-click-object: the recipe before it)
                 ) -> int:
     "Pretrain the toolkit's own generalist SAM (the shipped `small` model) on synthetic and real microscopy."
     if threads: torch.set_num_threads(int(threads))
     use_real = real.lower() != "none"
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "",
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "", click_object=click_object,
                          real_fraction=PretrainConfig.real_fraction if use_real else 0.0)
     task = PretrainTask(cfg, real_pairs=None if use_real else [])
     print(f"pretraining {cfg.architecture} for {steps} steps x {batch_size} images; real pairs (left halves): {len(task.real)}")

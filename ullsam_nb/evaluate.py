@@ -356,7 +356,7 @@ def format_table(report:dict) -> str:
 
 # %% ../nbs/15_evaluate.ipynb #212a4eab
 def floors_for_folder(images, gt, protocols=("box", "point", "auto")) -> dict:
-    "Mean metrics over the images in folder `images` of the classical floors of `protocols`, given the prompts `ullsam segment --gt` derives from the label maps in `gt` (every instance, seed 0): `{floor: {metric: mean}}`."
+    "Mean metrics over the images in folder `images` of the classical floors of `protocols`, given the prompts the segment command derives from the label maps in `gt` (every instance, seed 0): `{floor: {metric: mean}}`."
     per = {}
     for f in list_images(images, masks="refuse"):
         g = labels_for(f, gt); image, labels = read_image(f), read_labels(g)

@@ -15,7 +15,8 @@ from skimage.segmentation import watershed
 from .basics import InputError, atomic_path, save_json, progress
 from .io import masks_to_original
 from .prompts import as_rng, sample_instance_ids, boxes_from_labels, positive_points, ullsam_prompts
-from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS, evaluate_folder, mean_ci, mean_metrics
+from types import SimpleNamespace
+from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCALAR_METRICS, evaluate_folder, mean_ci
 from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
@@ -71,7 +72,6 @@ def corrective_point(pred_mask, gt_mask):
 def _decode_steps(seg, emb, info, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str):
     "The decoder loop of one (possibly iterative) protocol in one frame: yields `(masks, scores, points, point_labels)` per step."
     dev, mask_in = seg.device, None
-    n = len(gt_masks)
     for it in range(steps):
         coords, lab, bx = prompts_to_input(info, points, plabels, boxes, device=dev)
         mm = multimask and it == 0
@@ -357,13 +357,13 @@ def format_table(report:dict) -> str:
 # %% ../nbs/15_evaluate.ipynb #212a4eab
 def floors_for_folder(images, gt, protocols=("box", "point", "auto")) -> dict:
     "Mean metrics over the images in folder `images` of the classical floors of `protocols`, given the prompts the segment command derives from the label maps in `gt` (every instance, seed 0): `{floor: {metric: mean}}`."
-    per = {}
+    samples = []
     for f in list_images(images, masks="refuse"):
         g = labels_for(f, gt); image, labels = read_image(f), read_labels(g)
         check_same_size(image.shape, labels.shape, f, g)
-        for protocol in protocols:
-            for floor in FLOORS[protocol]: per.setdefault(floor, []).append(instance_metrics(labels, floor_prediction(floor, image, labels)))
-    return {floor: {k: mean_metrics(rs)[k] for k in SCALAR_METRICS} for floor, rs in per.items()}
+        samples.append(SimpleNamespace(image=image, labels=labels))
+    rows = evaluate_floors(samples, protocols=protocols)          # the floors' one loop, as the demo and the benchmark use it
+    return {floor: rows[rows.model == floor][list(SCALAR_METRICS)].mean().to_dict() for floor in rows.model.unique()}
 
 def evaluate_cmd(pred:str, # folder of predicted label maps
                  gt:str,   # folder of ground-truth label maps (same file names)

@@ -14,22 +14,36 @@ from segment_anything.modeling.common import LayerNorm2d
 from .io import as_label_map as check_labels
 
 # %% auto #0
-__all__ = ['InstanceHead', 'boundary_distance', 'instance_targets', 'instances_from_maps']
+__all__ = ['InstanceHead', 'head_config', 'boundary_distance', 'instance_targets', 'instances_from_maps']
 
 # %% ../nbs/07a_instance.ipynb #6ef0930a
 class InstanceHead(nn.Module):
     "Embedding `(B,C,g,g)` + model input `(B,3,S,S)` -> logits `(B,2,4g,4g)`: foreground, normalised boundary distance."
-    def __init__(self, embed_dim:int=256, width:int=64):
+    def __init__(self, embed_dim:int=256, width:int=64, pixel_width:int=0):
         super().__init__()
+        self.config = dict(embed_dim=embed_dim, width=width, pixel_width=pixel_width)
+        c = width // 2
         self.up = nn.Sequential(nn.ConvTranspose2d(embed_dim, width, 2, 2), LayerNorm2d(width), nn.GELU(),
-                                nn.ConvTranspose2d(width, width // 2, 2, 2), LayerNorm2d(width // 2), nn.GELU())
-        self.fuse = nn.Sequential(nn.Conv2d(width // 2 + 3, width // 2, 3, padding=1), nn.GELU(),
-                                  nn.Conv2d(width // 2, width // 2, 3, padding=1), nn.GELU(), nn.Conv2d(width // 2, 2, 1))
+                                nn.ConvTranspose2d(width, c, 2, 2), LayerNorm2d(c), nn.GELU())
+        if pixel_width:      # full-resolution pixels in; dilated fusion sees across a cell
+            self.pixels = nn.Sequential(nn.Conv2d(3, pixel_width, 3, 2, 1), nn.GELU(), nn.Conv2d(pixel_width, pixel_width, 3, padding=1), nn.GELU())
+            self.fuse = nn.Sequential(nn.Conv2d(c + pixel_width, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=2, dilation=2),
+                                      nn.GELU(), nn.Conv2d(c, c, 3, padding=4, dilation=4), nn.GELU(), nn.Conv2d(c, 2, 1))
+        else: self.fuse = nn.Sequential(nn.Conv2d(c + 3, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, 2, 1))
 
     def forward(self, embedding:torch.Tensor, image:torch.Tensor) -> torch.Tensor:
         x = self.up(embedding)
-        pixels = F.adaptive_avg_pool2d(image.to(x.dtype), x.shape[-2:])
+        pixels = image.to(x.dtype)
+        if self.config["pixel_width"]: pixels = self.pixels(pixels)
+        if pixels.shape[-2:] != x.shape[-2:]: pixels = F.adaptive_avg_pool2d(pixels, x.shape[-2:])
         return self.fuse(torch.cat([x, pixels], 1))
+
+def head_config(state:dict, prefix:str="instance_head.") -> dict|None:
+    "The `InstanceHead` arguments a state dict's head weights were made with; None when it holds no head."
+    up = state.get(prefix + "up.0.weight")       # ConvTranspose2d weight: (in = embed_dim, out = width, 2, 2)
+    if up is None: return None
+    pix = state.get(prefix + "pixels.0.weight")
+    return dict(embed_dim=int(up.shape[0]), width=int(up.shape[1]), pixel_width=0 if pix is None else int(pix.shape[0]))
 
 # %% ../nbs/07a_instance.ipynb #c2963acc
 def boundary_distance(labels) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from .basics import InputError, atomic_path, load_json, hash_json, hash_state_dict
 from .io import preprocess_for_sam
-from .sam import build_sam
+from .sam import build_sam, fit_instance_head
 from .embeddings import embed_image, embedding_cache_path
 from .decode import decode_prompts, prompts_to_input, decode_dense
 from .segmenter import segment_prompts, automatic_segmentation
@@ -132,10 +132,13 @@ class ULLSAM(nn.Module):
         from safetensors import safe_open
         folder = check_saved_model(folder)
         model = cls.from_config(saved_config(folder, **overrides), pretrained=False)   # every weight comes from the folder: no 'random weights' warning
+        with safe_open(str(folder/"model.safetensors"), "pt") as f:
+            meta, head = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if k.startswith("sam.instance_head.")}
+        fit_instance_head(model, head, "sam.instance_head.")          # the SAM's automatic-mode head as saved (either size)
         try: load_model(model, str(folder/"model.safetensors"), strict=True)
         except RuntimeError as e: raise InputError(f"weights do not fit the config: {str(e)[:400]}", folder/"model.safetensors") from None
         model.config.sam_checkpoint = load_json(folder/"config.json").get("sam_checkpoint")
-        with safe_open(str(folder/"model.safetensors"), "pt") as f: model.sam.lone_click = (f.metadata() or {}).get("lone_click", "three")
+        model.sam.lone_click = meta.get("lone_click", "three")
         return model.to(device) if device is not None else model
 
     # --- what the model is: the segmenting interface's descriptors (`ullsam_nb.segmenter`); a VLK describes the whole image: no tiling ---

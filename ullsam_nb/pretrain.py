@@ -17,8 +17,8 @@ from .basics import InputError, save_json, load_json, shared_data_dir, hash_file
 from .io import read_image, read_labels, image_to_unit, list_images, mask_path_for, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .synth import synth_sample, DOMAINS, DOMAIN_RANGES
 from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
-from .instance import instance_targets
-from .sam import build_sam, save_model
+from .instance import instance_targets, InstanceHead
+from .sam import build_sam, save_model, load_model
 from .decode import decode_prompts
 from .segmenter import unit_uint8
 from .train import Trainer
@@ -54,6 +54,8 @@ class PretrainConfig:
     val_images: int = 8                 # synthetic validation images (never the real pairs)
     seed: int = 0
     architecture: str = "small"
+    head_on: str = ""                   # a trained SAM (run folder or .safetensors): train only a fresh instance head on it, frozen
+    pixel_width: int = 32               # the fresh head's full-resolution pixel path (`InstanceHead`; 0: the light head)
 
 # %% ../nbs/15a_pretrain.ipynb #c1ce3a0f
 def synthetic_sample(seed:int, size:int=256, size_range=(0.6, 2.2)) -> tuple:
@@ -191,16 +193,28 @@ class PretrainTask:
     "Generalist-SAM pretraining for the shared `Trainer`: prompted mask loss (+ IoU head, + one correction round) and the instance head's loss."
     def __init__(self, cfg:PretrainConfig, model=None, real_pairs=None, quiet:bool=True):
         self.cfg = cfg
+        if model is None and cfg.head_on: model = self._frozen_sam(cfg)
         self.model = model if model is not None else build_sam(cfg.architecture, pretrained=False, seed=cfg.seed)
         if model is None:
             with torch.no_grad(): self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_(0, cfg.pe_scale)
-        if cfg.click_object: self.model.lone_click = "all"      # saved with the weights: decoders pick among all four masks
+        if cfg.click_object and not cfg.head_on: self.model.lone_click = "all"      # saved with the weights: decoders pick among all four masks
         size = self.model.image_encoder.img_size
         self.size, self.grid = size, 4 * self.model.prompt_encoder.image_embedding_size[0]
         self.real = read_real_pairs(cfg.real_dir or None, half="left") if real_pairs is None else real_pairs
         self.train_dataset = PretrainDataset(cfg, self.real, size, self.grid)
         self.val_samples = [synthetic_sample(10**9 + k, size, cfg.size_range) for k in range(cfg.val_images)]
         self.device = torch.device("cpu")
+
+    @staticmethod
+    def _frozen_sam(cfg:PretrainConfig):
+        "The SAM of `cfg.head_on`, frozen, with a fresh (seeded) instance head of `cfg.pixel_width` as its only trainable part."
+        model = load_model(cfg.head_on)
+        if not hasattr(model, "instance_head"): raise InputError("this SAM has no instance head to replace (a head run needs a `small` SAM)", cfg.head_on)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model.instance_head = InstanceHead(**{**model.instance_head.config, "pixel_width": cfg.pixel_width})
+        for name, p in model.named_parameters(): p.requires_grad_(name.startswith("instance_head."))
+        return model
 
     def save_model(self, folder):
         "The trained SAM (with its instance head) as `folder/sam.safetensors` + `sam.json`."
@@ -241,8 +255,9 @@ class PretrainTask:
     def training_step(self, batch:dict) -> dict:
         "Loss of one batch: prompted masks (+ correction) per image, plus the instance head."
         x = batch["image"].to(self.device)
-        emb = self.model.image_encoder(x)
+        with torch.set_grad_enabled(not self.cfg.head_on): emb = self.model.image_encoder(x)      # a head run: SAM is frozen
         head = instance_loss(self.model.instance_head(emb, x).float(), batch["targets"].to(self.device))
+        if self.cfg.head_on: return dict(loss=head, mask_loss=head.detach() * 0, instance_loss=head.detach())
         e, i = batch["index"][0].tolist()
         rng = np.random.default_rng([self.cfg.seed, 7, e, i])
         losses = [self._image_loss(emb[b:b+1], batch["labels"][b].numpy(), rng) for b in range(len(x))]
@@ -262,7 +277,8 @@ def train_config(cfg:PretrainConfig):
     "The shared loop's `TrainConfig` for a pretraining recipe: a budget of `steps` optimizer steps (the loop plans the epochs)."
     return TrainConfig(task="pretrain", steps=cfg.steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip,
-                       precision=cfg.precision, seed=cfg.seed, monitor="mSA", keep_epoch_checkpoints=False, log_every=5)
+                       precision=cfg.precision, seed=cfg.seed, monitor="auto_mSA" if cfg.head_on else "mSA",
+                       keep_epoch_checkpoints=False, log_every=5)
 
 def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=None) -> dict:
     "Pretrain a generalist SAM by `cfg` into folder `out` through the shared `Trainer`; returns the loop's result with `wall_s`."
@@ -275,9 +291,12 @@ def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=No
     wall = wall0 + time.time() - t0
     task.model.eval()
     with torch.no_grad(): result["val"] = task.validate()      # the final model, whatever step the last epoch ended at
+    base = Path(cfg.head_on) if cfg.head_on else None         # a head run: the frozen SAM's own run record comes along
+    base = base.parent if base is not None and base.is_file() else base
+    extra = dict(base=load_json(base/"pretrain.json")) if base is not None and (base/"pretrain.json").exists() else {}
     save_json(dict(config=asdict(cfg), status=result["status"], step=result["step"], val=result["val"], best=result["best"],
                    wall_s=round(wall, 1), real_pairs=[f"{p.domain}/{p.name}" for p in task.real],
-                   torch_threads=torch.get_num_threads()), record)
+                   torch_threads=torch.get_num_threads(), **extra), record)
     return dict(result, wall_s=wall, folder=str(out))
 
 # %% ../nbs/15a_pretrain.ipynb #fea5552e
@@ -289,28 +308,36 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
                  resume:bool=False, # continue an interrupted run from OUT/checkpoints/last.pt
                  threads:int=0, # CPU threads for torch (0: torch's default)
                  click_object:bool=True, # lone clicks also train the single mask as the whole object (--no-click-object: the recipe before it)
+                 head_on:str="", # a finished run folder (or .safetensors): train only a fresh automatic-mode head (pixel path) on its frozen SAM
                 ) -> int:
     "Pretrain the toolkit's own generalist SAM (the shipped `small` model) on synthetic and real microscopy."
     if threads: torch.set_num_threads(int(threads))
     use_real = real.lower() != "none"
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "", click_object=click_object,
-                         real_fraction=PretrainConfig.real_fraction if use_real else 0.0)
+                         real_fraction=PretrainConfig.real_fraction if use_real else 0.0, head_on=head_on)
     task = PretrainTask(cfg, real_pairs=None if use_real else [])
-    print(f"pretraining {cfg.architecture} for {steps} steps x {batch_size} images; real pairs (left halves): {len(task.real)}")
+    what = f"the instance head on the frozen SAM of {head_on}" if head_on else cfg.architecture
+    print(f"pretraining {what} for {steps} steps x {batch_size} images; real pairs (left halves): {len(task.real)}")
     res = pretrain_sam(cfg, out, task=task, resume=resume)
     print(f"{res['status']} at step {res['step']} in {res['wall_s']/60:.1f} min; last validation {res['val']} -> {out}")
     return 0
 
 # %% ../nbs/15a_pretrain.ipynb #366334a7
+def _reproduce(cfg:dict, out:str, head_on:str="") -> str:
+    return (f"ullsam pretrain --out {out}" + (f" --head-on {head_on}" if head_on else "")
+            + f" --steps {cfg['steps']} --batch-size {cfg['batch_size']} --seed {cfg['seed']} --threads 2")
+
 def _card(record:dict, quality:dict|None) -> str:
-    cfg = record["config"]
+    base = record.get("base")                    # a head run: the SAM itself came from this pretraining run
+    cfg, head = (base["config"], record["config"]) if base else (record["config"], None)
+    wall = record["wall_s"] + (base["wall_s"] if base else 0)
     lines = [f"# Model card: `small`, the toolkit's own generalist SAM", "",
              "A Segment Anything model built from segment-anything's own classes (`SMALL_CONFIG`: 256² input, 8-px patches, "
              "a 4-block 128-wide ViT with windowed and 2 global attention blocks, a 128-channel 32×32 embedding, SAM's prompt "
              "encoder and mask decoder, 128×128 low-resolution masks) plus an instance head for automatic segmentation "
              f"({record.get('parameters', 0)/1e6:.2f} M parameters). Trained from scratch by `ullsam pretrain`.", "",
-             "## Reproduce", "", "```sh", f"ullsam pretrain --out runs/pretrain --steps {cfg['steps']} --batch-size {cfg['batch_size']} --seed {cfg['seed']} --threads 2",
-             "```", "", "One run so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
+             "## Reproduce", "", "```sh", _reproduce(cfg, "runs/pretrain"), *([_reproduce(head, "runs/head", "runs/pretrain")] if head else []),
+             "```", "", f"One run{' of each' if head else ''} so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
              "across thread schedules, so a rerun is expected near, not at, the figures below (the tolerance is not yet measured).", "",
              "## Training", "",
              f"- {cfg['steps']} optimizer steps × {cfg['batch_size']} images, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']:.0%}, cosine to "
@@ -322,7 +349,10 @@ def _card(record:dict, quality:dict|None) -> str:
              f"one corrective click with the previous mask on {cfg['correction']:.0%} of images; prompts also as a dense map (`sam.prompt_raster`); "
              f"position-feature scale {cfg['pe_scale']}; BCE weighted 1 near the box, "
              f"{cfg['outside_weight']} elsewhere, + soft Dice; IoU head by MSE; instance head: foreground + boundary distance.",
-             f"- Wall time {record['wall_s']/60:.1f} min on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
+             *([f"- Then the automatic-mode head alone (`--head-on`): a fresh `InstanceHead` with a {head['pixel_width']}-channel full-resolution "
+                f"pixel path, {head['steps']} steps × {head['batch_size']} images on the frozen SAM (same data; lr {head['lr']}, seed {head['seed']}), "
+                f"{record['wall_s']/60:.1f} min. Prompted segmentation is the first run's."] if head else []),
+             f"- Wall time {wall/60:.1f} min{' for both runs' if head else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
              *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
     if quality:
@@ -349,7 +379,7 @@ def publish(run, quality=None, name:str="small", dest=None) -> Path:
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None
-    if record["config"].get("click_object"): model.lone_click = "all"      # the weights say how they answer a lone click
+    if (record.get("base") or record)["config"].get("click_object"): model.lone_click = "all"      # the weights say how they answer a lone click
     save_model(model, dest, stem)
     if quality: shutil.copyfile(quality, dest/f"{stem}_quality.json")          # the benchmark the card quotes, beside it
     rec = load_json(dest/f"{stem}.json")

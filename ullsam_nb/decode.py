@@ -99,9 +99,9 @@ def decode_dense(model:Sam, embedding:torch.Tensor, point_coords=None, point_lab
 
 # %% ../nbs/08b_decode.ipynb #1e4e3410
 def lone_click_masks(model) -> bool|str:
-    "The `multimask` that decodes an ambiguous prompt (a lone click) for `model` (a SAM, or anything holding one as `.sam`): `'all'` four masks for weights trained with `lone_click='all'`, else SAM's three (`True`)."
+    "The `multimask` that decodes an ambiguous prompt (a lone click) for `model` (a SAM, or anything holding one as `.sam`): `'all'` four masks for weights trained with `lone_click='all'` (or `'instance'`), else SAM's three (`True`)."
     sam = getattr(model, "sam", model)
-    return "all" if getattr(sam, "lone_click", "three") == "all" else True
+    return "all" if getattr(sam, "lone_click", "three") in ("all", "instance") else True
 
 def best_mask(low:torch.Tensor, iou:torch.Tensor) -> tuple:
     "Per prompt, the mask with the highest predicted IoU: `(N,M,h,w), (N,M)` -> `(N,1,h,w), (N,1)`."

@@ -20,7 +20,7 @@ from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCAL
 from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
-from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent
+from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, snaps_clicks, lone_clicks, snap_clicks, click_instances
 from .embeddings import embed_image
 from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS, lone_click_masks, best_mask
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
@@ -69,7 +69,7 @@ def corrective_point(pred_mask, gt_mask):
     return float(c + win[1].start), float(r + win[0].start), label
 
 # %% ../nbs/15_evaluate.ipynb #1834debf
-def _decode_steps(seg, emb, info, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str):
+def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str):
     "The decoder loop of one (possibly iterative) protocol in one frame: yields `(masks, scores, points, point_labels)` per step."
     dev, mask_in = seg.device, None
     for it in range(steps):
@@ -79,6 +79,8 @@ def _decode_steps(seg, emb, info, gt_masks, boxes, points, plabels, multimask:bo
                               multimask=lone_click_masks(seg) if mm else False)
         if mm: low, iou = best_mask(low, iou)
         masks = (masks_to_original(low[:, 0], info) > seg.mask_threshold).cpu().numpy()
+        clicks = lone_clicks(boxes, points, plabels) if (mm and snaps_clicks(seg)) else None
+        if clicks is not None: masks = snap_clicks(masks, clicks, click_instances(seg, emb, info, image))     # as `segment_prompts` does
         yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
         clicks = [corrective_point(m, g) or (0.0, 0.0, -1) for m, g in zip(masks, gt_masks)]
@@ -112,7 +114,7 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
             emb, info, own = seg.prepare_image(image, cache=cache)
             if dp is None: dp = own
         else: emb, info = embedding
-        for it, (masks, scores, pts, pl) in enumerate(_decode_steps(seg, emb, info, gt_masks, boxes, points, plabels,
+        for it, (masks, scores, pts, pl) in enumerate(_decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels,
                                                                     p["multimask"], steps, use_mask, dp, mask_prompt)):
             yield it, masks, scores, pts, pl
         return
@@ -123,7 +125,7 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
     for t in np.unique(owner):
         idx = np.flatnonzero(owner == t); ys, xs = tiles[t]; off = tile_offset(tiles[t])
         emb, info, dpt = seg.prepare_image(u8[ys, xs], cache=cache)
-        runs.append((idx, ys, xs, off, _decode_steps(seg, emb, info, gt_masks[idx][:, ys, xs], _shift(boxes, off, idx),
+        runs.append((idx, ys, xs, off, _decode_steps(seg, emb, info, u8[ys, xs], gt_masks[idx][:, ys, xs], _shift(boxes, off, idx),
                                                      _shift(points, off, idx), None if plabels is None else plabels[idx],
                                                      p["multimask"], steps, use_mask, dpt, mask_prompt)))
     for it in range(steps):

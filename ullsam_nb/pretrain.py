@@ -214,6 +214,7 @@ class PretrainTask:
             torch.manual_seed(cfg.seed)
             model.instance_head = InstanceHead(**{**model.instance_head.config, "pixel_width": cfg.pixel_width})
         for name, p in model.named_parameters(): p.requires_grad_(name.startswith("instance_head."))
+        if cfg.pixel_width and model.lone_click == "all": model.lone_click = "instance"     # lone clicks meet the sharper head (`segmenter.snap_clicks`)
         return model
 
     def save_model(self, folder):
@@ -351,7 +352,8 @@ def _card(record:dict, quality:dict|None) -> str:
              f"{cfg['outside_weight']} elsewhere, + soft Dice; IoU head by MSE; instance head: foreground + boundary distance.",
              *([f"- Then the automatic-mode head alone (`--head-on`): a fresh `InstanceHead` with a {head['pixel_width']}-channel full-resolution "
                 f"pixel path, {head['steps']} steps × {head['batch_size']} images on the frozen SAM (same data; lr {head['lr']}, seed {head['seed']}), "
-                f"{record['wall_s']/60:.1f} min. Prompted segmentation is the first run's."] if head else []),
+                f"{record['wall_s']/60:.1f} min. The encoder and the decoder are the first run's; a lone click takes the new head's instance under it "
+                f"where that agrees with the decoder's mask (IoU ≥ 0.5, `lone_click='instance'`)."] if head else []),
              f"- Wall time {wall/60:.1f} min{' for both runs' if head else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
              *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
@@ -363,8 +365,9 @@ def _card(record:dict, quality:dict|None) -> str:
             lines.append(f"| {k} | {v['model']:.3f} | {fl} | {'yes' if v['beats_floors'] else '**no**'} |")     # k is "set | protocol"
         sp = quality.get("speed", {})
         if sp: lines += ["", f"Speed on this CPU ({sp.get('threads')} threads): encoder {sp['encoder_s_per_512']:.2f} s per 512² image "
-                         f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per prompt batched "
-                         f"(segment-anything's SamPredictor one prompt at a time: {sp['prompt_ms_reference_samprediction']:.1f} ms)."]
+                         f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per box prompt batched "
+                         f"(segment-anything's SamPredictor one prompt at a time: {sp['prompt_ms_reference_samprediction']:.1f} ms)"
+                         + (f", {sp['click_ms_batched']:.1f} ms per lone click batched (the instance head's snap included)." if "click_ms_batched" in sp else ".")]
     lines += ["", "## Limits", "", "- Small and trained for minutes on a CPU: use µSAM / SAM checkpoints (`--checkpoint`) where they fit your data and hardware.",
               "- The real pairs' left halves were trained on; only the right halves are held out (scores on the full images include seen pixels).",
               "- Real-data licences: see `shared/data/real/README.md` (BBBC039 CC0, S-BIAD634 CC0, Usiigaci MIT, AxonDeepSeg MIT, CEM500K BSD-3, DSB2018 CC0)."]
@@ -379,7 +382,8 @@ def publish(run, quality=None, name:str="small", dest=None) -> Path:
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None
-    if (record.get("base") or record)["config"].get("click_object"): model.lone_click = "all"      # the weights say how they answer a lone click
+    if model.lone_click == "three" and (record.get("base") or record)["config"].get("click_object"):
+        model.lone_click = "all"           # a run that predates `lone_click`: the weights say how they answer a lone click
     save_model(model, dest, stem)
     if quality: shutil.copyfile(quality, dest/f"{stem}_quality.json")          # the benchmark the card quotes, beside it
     rec = load_json(dest/f"{stem}.json")

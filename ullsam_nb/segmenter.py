@@ -19,9 +19,10 @@ from .embeddings import embed_image
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
-__all__ = ['AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter', 'segment_prompts', 'unit_uint8', 'prompt_extent',
-           'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
-           'MicroscopyMaskGenerator', 'instance_maps', 'automatic_segmentation']
+__all__ = ['SNAP_IOU', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter', 'snaps_clicks', 'lone_clicks',
+           'snap_clicks', 'click_instances', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
+           'masks_to_labels', 'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
+           'head_maps', 'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -50,6 +51,38 @@ class SamSegmenter:
 def as_segmenter(model, mode:str="sam"):
     "`model` behind the segmenting interface: a `Sam` wrapped with preprocessing `mode`; a `ULLSAM` (which has the members itself) as it is."
     return SamSegmenter(model, mode) if isinstance(model, Sam) else model
+
+# %% ../nbs/08c_segmenter.ipynb #384f2414
+SNAP_IOU = 0.5      # a lone click takes the automatic-mode instance under it when the two agree this well
+
+def snaps_clicks(model) -> bool:
+    "Whether `model` (a SAM or a segmenter holding one) answers a lone click with the agreeing automatic-mode instance (`lone_click='instance'`)."
+    sam = getattr(model, "sam", model)
+    return getattr(sam, "lone_click", "three") == "instance" and hasattr(sam, "instance_head")
+
+def lone_clicks(boxes, points, point_labels) -> np.ndarray|None:
+    "The `(N,2)` click of each prompt when every prompt is one positive click and nothing else; else None."
+    if boxes is not None or points is None: return None
+    pts = np.asarray(points, np.float32).reshape(len(points), -1, 2)
+    lab = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels).reshape(pts.shape[:2])
+    return pts[:, 0] if pts.shape[1] == 1 and (lab == 1).all() else None
+
+def snap_clicks(masks:np.ndarray, clicks:np.ndarray, instances:np.ndarray, min_iou:float=SNAP_IOU) -> np.ndarray:
+    "Masks `(N,H,W)` of lone clicks `(N,2)` (x, y), each replaced by the instance under its click where their IoU >= `min_iou`."
+    out = np.array(masks, bool)
+    H, W = instances.shape
+    for n, (x, y) in enumerate(np.asarray(clicks, np.float32)):
+        i = instances[min(max(int(round(float(y))), 0), H - 1), min(max(int(round(float(x))), 0), W - 1)]
+        if i == 0: continue
+        obj = instances == i
+        union = (obj | out[n]).sum()
+        if union and (obj & out[n]).sum() / union >= min_iou: out[n] = obj
+    return out
+
+def click_instances(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> np.ndarray:
+    "The automatic-mode instances `(H,W)` of one frame from its embedding (instance head + watershed), for `snap_clicks`."
+    fg, dist = head_maps(seg.sam, embedding, info, image, seg.preprocess)
+    return instances_from_maps(fg, dist)
 
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
 @torch.no_grad()
@@ -89,6 +122,8 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
         outs.append(up.float().cpu() if return_logits else (up > seg.mask_threshold).cpu())
     masks, scores = torch.cat(outs), iou.float().cpu()
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
+    clicks = lone_clicks(boxes, points, point_labels) if (multimask and best and not return_logits and snaps_clicks(seg)) else None
+    if clicks is not None: masks = torch.from_numpy(snap_clicks(masks.numpy(), clicks, click_instances(seg, embedding, info, image)))
     return masks, scores
 
 # %% ../nbs/08c_segmenter.ipynb #c8167b6e
@@ -241,9 +276,15 @@ def instance_maps(model:Sam, image, mode:str="sam", cache=True, tile:bool|None=N
         tiles = tile_grid(u8.shape, model.image_encoder.img_size, overlap)
         return blend_tiles([instance_maps(model, u8[ys, xs], mode, cache, tile=False) for ys, xs in tiles], tiles, u8.shape)
     emb, info = embed_image(model, image, mode=mode, cache=cache)
+    return head_maps(model, emb, info, image, mode)
+
+@torch.no_grad()
+def head_maps(model:Sam, embedding:torch.Tensor, info:SamInputInfo, image, mode:str="sam") -> np.ndarray:
+    "`instance_maps` of one frame whose embedding is already computed: `(2,H,W)` probabilities at the original size."
+    head = model.instance_head
     x, _ = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)
     w = next(head.parameters())
-    probs = head(emb.to(w.device, w.dtype), x[None].to(w.device, w.dtype)).float().sigmoid()[0]
+    probs = head(embedding.to(w.device, w.dtype), x[None].to(w.device, w.dtype)).float().sigmoid()[0]
     return masks_to_original(probs, info).cpu().numpy()
 
 # %% ../nbs/08c_segmenter.ipynb #c93cae6c

@@ -197,7 +197,7 @@ class PretrainTask:
         self.model = model if model is not None else build_sam(cfg.architecture, pretrained=False, seed=cfg.seed)
         if model is None:
             with torch.no_grad(): self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_(0, cfg.pe_scale)
-        if cfg.click_object and not cfg.head_on: self.model.lone_click = "all"      # saved with the weights: decoders pick among all four masks
+        if cfg.click_object and model is None: self.model.lone_click = "all"      # a fresh SAM: saved with the weights, decoders pick among all four masks
         size = self.model.image_encoder.img_size
         self.size, self.grid = size, 4 * self.model.prompt_encoder.image_embedding_size[0]
         self.real = read_real_pairs(cfg.real_dir or None, half="left") if real_pairs is None else real_pairs

@@ -20,7 +20,7 @@ from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
 from .instance import instance_targets, InstanceHead
 from .sam import build_sam, save_model, load_model
 from .decode import decode_prompts
-from .segmenter import unit_uint8
+from .segmenter import unit_uint8, SNAP_IOU
 from .train import Trainer
 from .train_parts import TrainConfig
 from .evaluate import corrective_point, evaluate_models
@@ -353,7 +353,7 @@ def _card(record:dict, quality:dict|None) -> str:
              *([f"- Then the automatic-mode head alone (`--head-on`): a fresh `InstanceHead` with a {head['pixel_width']}-channel full-resolution "
                 f"pixel path, {head['steps']} steps × {head['batch_size']} images on the frozen SAM (same data; lr {head['lr']}, seed {head['seed']}), "
                 f"{record['wall_s']/60:.1f} min. The encoder and the decoder are the first run's; a lone click takes the new head's instance under it "
-                f"where that agrees with the decoder's mask (IoU ≥ 0.5, `lone_click='instance'`)."] if head else []),
+                f"where that agrees with the decoder's mask (IoU ≥ {SNAP_IOU}, `lone_click='instance'`)."] if head else []),
              f"- Wall time {wall/60:.1f} min{' for both runs' if head else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
              *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
@@ -389,7 +389,7 @@ def publish(run, quality=None, name:str="small", dest=None) -> Path:
     rec = load_json(dest/f"{stem}.json")
     rec.update(weights=f"{stem}.safetensors", sha256=hash_file(dest/f"{stem}.safetensors"), card=f"{stem}.md", training=record,
                parameters=sum(p.numel() for p in model.parameters()))
-    record.update(parameters=rec["parameters"], machine=f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip())
+    record.update(parameters=rec["parameters"], machine=" ".join(filter(None, (platform.machine(), platform.processor()))) + f" ({os.cpu_count()} cores)")
     save_json(rec, dest/f"{stem}.json")
     (dest/f"{stem}.md").write_text(_card(record, q))
     return dest/f"{stem}.safetensors"

@@ -89,8 +89,8 @@ def click_instances(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> np
 def segment_prompts(model, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
                     embedding=None, info:SamInputInfo=None, dense_prompt=None, mask_input=None, best:bool=True,
                     mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32, tile:bool|None=None,
-                    overlap:int=64, mask_prompt:str="replace") -> tuple:
-    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images."
+                    overlap:int=64, mask_prompt:str="replace", instances:np.ndarray|None=None) -> tuple:
+    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images; `instances`: the frame's `click_instances` when the caller keeps them."
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
     seg = as_segmenter(model, mode)
     if tile is None: tile = seg.tiles and embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), seg.image_size)
@@ -123,7 +123,9 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
     masks, scores = torch.cat(outs), iou.float().cpu()
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
     clicks = lone_clicks(boxes, points, point_labels) if (multimask and best and not return_logits and snaps_clicks(seg)) else None
-    if clicks is not None: masks = torch.from_numpy(snap_clicks(masks.numpy(), clicks, click_instances(seg, embedding, info, image)))
+    if clicks is not None:
+        if instances is None: instances = click_instances(seg, embedding, info, image)
+        masks = torch.from_numpy(snap_clicks(masks.numpy(), clicks, instances))
     return masks, scores
 
 # %% ../nbs/08c_segmenter.ipynb #c8167b6e

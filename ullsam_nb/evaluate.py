@@ -20,7 +20,7 @@ from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCAL
 from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
-from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, snaps_clicks, lone_clicks, snap_clicks, click_instances
+from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, lone_clicks, meets_head, meet_head, head_frame
 from .embeddings import embed_image
 from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS, lone_click_masks, best_mask
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
@@ -71,7 +71,7 @@ def corrective_point(pred_mask, gt_mask):
 # %% ../nbs/15_evaluate.ipynb #1834debf
 def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str):
     "The decoder loop of one (possibly iterative) protocol in one frame: yields `(masks, scores, points, point_labels)` per step."
-    dev, mask_in = seg.device, None
+    dev, mask_in, frame = seg.device, None, None
     for it in range(steps):
         coords, lab, bx = prompts_to_input(info, points, plabels, boxes, device=dev)
         mm = multimask and it == 0
@@ -79,8 +79,9 @@ def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multi
                               multimask=lone_click_masks(seg) if mm else False)
         if mm: low, iou = best_mask(low, iou)
         masks = (masks_to_original(low[:, 0], info) > seg.mask_threshold).cpu().numpy()
-        clicks = lone_clicks(boxes, points, plabels) if (mm and snaps_clicks(seg)) else None
-        if clicks is not None: masks = snap_clicks(masks, clicks, click_instances(seg, emb, info, image))     # as `segment_prompts` does
+        if meets_head(seg):          # the instance head's rules, as `segment_prompts` applies them
+            frame = frame or head_frame(seg, emb, info, image)
+            masks = meet_head(seg, masks, frame, lone_clicks(boxes, points, plabels) if mm else None)
         yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
         clicks = [corrective_point(m, g) or (0.0, 0.0, -1) for m, g in zip(masks, gt_masks)]

@@ -5,6 +5,8 @@
 # %% ../nbs/08c_segmenter.ipynb #988dfc0f
 from __future__ import annotations
 import warnings
+from dataclasses import dataclass
+from functools import cached_property
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
@@ -19,8 +21,9 @@ from .embeddings import embed_image
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
-__all__ = ['SNAP_IOU', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter', 'snaps_clicks', 'lone_clicks',
-           'snap_clicks', 'click_instances', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
+__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter',
+           'snaps_clicks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks', 'trim_masks', 'HeadFrame',
+           'head_frame', 'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
            'masks_to_labels', 'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
            'head_maps', 'automatic_segmentation']
 
@@ -54,11 +57,21 @@ def as_segmenter(model, mode:str="sam"):
 
 # %% ../nbs/08c_segmenter.ipynb #384f2414
 SNAP_IOU = 0.5      # a lone click takes the automatic-mode instance under it when the two agree this well
+TRIM_FOREGROUND, TRIM_KEEP = 0.5, 0.8     # a prompted mask is cut to the head's foreground (p > 0.5) where the cut keeps >= 80% of it
 
 def snaps_clicks(model) -> bool:
     "Whether `model` (a SAM or a segmenter holding one) answers a lone click with the agreeing automatic-mode instance (`lone_click='instance'`)."
     sam = getattr(model, "sam", model)
     return getattr(sam, "lone_click", "three") == "instance" and hasattr(sam, "instance_head")
+
+def trims_masks(model) -> bool:
+    "Whether `model`'s prompted masks are trimmed to its instance head's foreground: a SAM (or a segmenter holding one) whose head has the full-resolution pixel path."
+    head = getattr(getattr(model, "sam", model), "instance_head", None)
+    return head is not None and getattr(head, "config", {}).get("pixel_width", 0) > 0
+
+def meets_head(model) -> bool:
+    "Whether `model`'s prompted masks go through `meet_head` at all."
+    return snaps_clicks(model) or trims_masks(model)
 
 def lone_clicks(boxes, points, point_labels) -> np.ndarray|None:
     "The `(N,2)` click of each prompt when every prompt is one positive click and nothing else; else None."
@@ -79,18 +92,37 @@ def snap_clicks(masks:np.ndarray, clicks:np.ndarray, instances:np.ndarray, min_i
         if union and (obj & out[n]).sum() / union >= min_iou: out[n] = obj
     return out
 
-def click_instances(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> np.ndarray:
-    "The automatic-mode instances `(H,W)` of one frame from its embedding (instance head + watershed), for `snap_clicks`."
-    fg, dist = head_maps(seg.sam, embedding, info, image, seg.preprocess)
-    return instances_from_maps(fg, dist)
+def trim_masks(masks:np.ndarray, foreground:np.ndarray, min_keep:float=TRIM_KEEP) -> np.ndarray:
+    "Masks `(N,H,W)`, each cut to `foreground` `(H,W)` (bool) where the cut keeps at least `min_keep` of its pixels; else left as it was."
+    masks = np.asarray(masks, bool)
+    cut = masks & np.asarray(foreground, bool)[None]
+    keep = cut.sum((1, 2)) >= min_keep * masks.sum((1, 2))
+    return np.where(keep[:, None, None], cut, masks)
+
+@dataclass(eq=False)
+class HeadFrame:
+    "The instance head's reading of one frame: `foreground` and boundary-`distance` probabilities `(H,W)`; `instances`, the automatic mode's label map, on first use."
+    foreground: np.ndarray
+    distance: np.ndarray
+    @cached_property
+    def instances(self) -> np.ndarray: return instances_from_maps(self.foreground, self.distance)
+
+def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> HeadFrame:
+    "The `HeadFrame` of one frame from its embedding (`head_maps`): computed once, it serves every prompt of the frame."
+    return HeadFrame(*head_maps(seg.sam, embedding, info, image, seg.preprocess))
+
+def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None) -> np.ndarray:
+    "Prompted masks `(N,H,W)` after the instance head's two rules: lone `clicks` `(N,2)` snap to the agreeing instance (`snaps_clicks`), then every mask is trimmed to the foreground (`trims_masks`)."
+    if clicks is not None and snaps_clicks(seg): masks = snap_clicks(masks, clicks, frame.instances)
+    return trim_masks(masks, frame.foreground > TRIM_FOREGROUND) if trims_masks(seg) else np.asarray(masks, bool)
 
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
 @torch.no_grad()
 def segment_prompts(model, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
                     embedding=None, info:SamInputInfo=None, dense_prompt=None, mask_input=None, best:bool=True,
                     mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32, tile:bool|None=None,
-                    overlap:int=64, mask_prompt:str="replace", instances:np.ndarray|None=None) -> tuple:
-    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images; `instances`: the frame's `click_instances` when the caller keeps them."
+                    overlap:int=64, mask_prompt:str="replace", head:HeadFrame|None=None) -> tuple:
+    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images; `head`: the frame's `HeadFrame` when the caller keeps it."
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
     seg = as_segmenter(model, mode)
     if tile is None: tile = seg.tiles and embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), seg.image_size)
@@ -122,10 +154,10 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
         outs.append(up.float().cpu() if return_logits else (up > seg.mask_threshold).cpu())
     masks, scores = torch.cat(outs), iou.float().cpu()
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
-    clicks = lone_clicks(boxes, points, point_labels) if (multimask and best and not return_logits and snaps_clicks(seg)) else None
-    if clicks is not None:
-        if instances is None: instances = click_instances(seg, embedding, info, image)
-        masks = torch.from_numpy(snap_clicks(masks.numpy(), clicks, instances))
+    if not return_logits and meets_head(seg):       # the instance head's rules (`meet_head`); logits stay the decoder's
+        clicks = lone_clicks(boxes, points, point_labels) if (multimask and best) else None
+        frame = head if head is not None else head_frame(seg, embedding, info, image)
+        masks = torch.from_numpy(meet_head(seg, masks.reshape(-1, H, W).numpy(), frame, clicks)).reshape(masks.shape)
     return masks, scores
 
 # %% ../nbs/08c_segmenter.ipynb #c8167b6e

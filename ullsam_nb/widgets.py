@@ -17,7 +17,7 @@ from .io import read_image, read_labels, IMAGE_SUFFIXES
 from .viz import STYLE, label_overlay, draw_prompts, show_instances
 from .data import ImagePair, LoadedSample, folder_pairs, load_pair
 from .metrics import instance_metrics
-from .segmenter import as_segmenter, segment_prompts, masks_to_labels, snaps_clicks, click_instances
+from .segmenter import as_segmenter, segment_prompts, masks_to_labels, meets_head, head_frame
 from .evaluate import protocol_prompts, prompted_segmentation
 
 # %% auto #0
@@ -230,7 +230,7 @@ class PromptSession:
         self.embedding = (emb, info)
         self.points, self.point_labels = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
         self.mask, self.score, self.n_decoder_calls = None, None, 0
-        self.instances = None            # the automatic-mode instances a lone click snaps to: found on the first lone click, kept
+        self.head = None                 # the instance head's reading of the image (`segmenter.HeadFrame`): found on the first click, kept
         H, Wd = self.image_array.shape[:2]
         self.mode = W.ToggleButtons(options=[("positive", 1), ("negative", 0)], value=1, description="click adds")
         self.vlk = W.ToggleButton(value=bool(vlk and self.dense is not None), description="VLK on",
@@ -311,11 +311,10 @@ class PromptSession:
         vlk = self.vlk.value if vlk is None else vlk
         if vlk and self.dense is None: raise InputError("this model has no VLK path (baseline mode or plain SAM)")
         multimask = len(self.points) == 1
-        if multimask and self.point_labels[0] == 1 and self.instances is None and snaps_clicks(self.segmenter):
-            self.instances = click_instances(self.segmenter, *self.embedding, self.image_array)
+        if self.head is None and meets_head(self.segmenter): self.head = head_frame(self.segmenter, *self.embedding, self.image_array)
         masks, scores = segment_prompts(self.segmenter, self.image_array, points=self.points[None], point_labels=self.point_labels[None],
                                         multimask=multimask, embedding=self.embedding, dense_prompt=self.dense if vlk else None,
-                                        instances=self.instances)
+                                        head=self.head)
         self.n_decoder_calls += 1
         return masks[0].numpy(), float(scores[0])
 

@@ -84,7 +84,7 @@ def speed(model, reps=3):
     for _ in range(reps):
         t = time.perf_counter(); segment_prompts(model, crop, boxes=boxes, embedding=emb); t_ours.append((time.perf_counter() - t) / len(boxes))
         t = time.perf_counter(); segment_prompts(model, crop, points=clicks, point_labels=np.ones((len(clicks), 1)), multimask=True, embedding=emb)
-        t_click.append((time.perf_counter() - t) / len(clicks))      # lone clicks: four masks, then the instance head's snap if the weights use it
+        t_click.append((time.perf_counter() - t) / len(clicks))      # lone clicks: four masks, then the instance head's snap and trim (boxes: the trim) when the weights have it
         t = time.perf_counter()
         for b in boxes: pred.predict(box=b, multimask_output=False)
         t_ref.append((time.perf_counter() - t) / len(boxes))

@@ -69,9 +69,10 @@ def corrective_point(pred_mask, gt_mask):
     return float(c + win[1].start), float(r + win[0].start), label
 
 # %% ../nbs/15_evaluate.ipynb #1834debf
-def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str):
+def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multimask:bool, steps:int, use_mask:bool, dp, mask_prompt:str,
+                  frame=None):
     "The decoder loop of one (possibly iterative) protocol in one frame: yields `(masks, scores, points, point_labels)` per step."
-    dev, mask_in, frame = seg.device, None, None
+    dev, mask_in = seg.device, None
     for it in range(steps):
         coords, lab, bx = prompts_to_input(info, points, plabels, boxes, device=dev)
         mm = multimask and it == 0
@@ -96,8 +97,8 @@ def _shift(a, off, idx):
 @torch.no_grad()
 def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, n_instances:int|None=None,
                           n_iterations:int=7, use_mask:bool=True, embedding=None, dense_prompt=None,
-                          mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64, mask_prompt:str="replace"):
-    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image by a SAM or uLLSAM; a SAM tiles images larger than its input."
+                          mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64, mask_prompt:str="replace", head=None):
+    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image by a SAM or uLLSAM; a SAM tiles images larger than its input; `head`: the frame's `HeadFrame`, with `embedding`."
     labels = as_label_map(labels)
     p = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances)
     ids, boxes, points, plabels = p["ids"], p["boxes"], p["points"], p["point_labels"]
@@ -116,7 +117,7 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
             if dp is None: dp = own
         else: emb, info = embedding
         for it, (masks, scores, pts, pl) in enumerate(_decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels,
-                                                                    p["multimask"], steps, use_mask, dp, mask_prompt)):
+                                                                    p["multimask"], steps, use_mask, dp, mask_prompt, head)):
             yield it, masks, scores, pts, pl
         return
     u8, H, W = unit_uint8(image), *labels.shape
@@ -152,10 +153,11 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
     "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given."
     labels = as_label_map(labels)
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface (its preprocessing, its dense prompt)
-    if seg.tiles and dense_prompt is None and needs_tiling(labels.shape, seg.image_size): emb = None   # native resolution, tile by tile
+    if seg.tiles and dense_prompt is None and needs_tiling(labels.shape, seg.image_size): emb = head = None   # native resolution, tile by tile
     else:
-        e, info, dense = seg.prepare_image(image, cache=cache)       # the image is embedded once for every protocol
-        emb = (e, info)
+        e, info, dense = seg.prepare_image(image, cache=cache)       # the image is embedded (and read by the head) once for every protocol
+        prompted = meets_head(seg) and any(p != "auto" for p in protocols)
+        emb, head = (e, info), (head_frame(seg, e, info, image) if prompted else None)
         if dense_prompt is None: dense_prompt = dense
     inst_rows, img_rows = [], []
     for protocol in protocols:
@@ -172,7 +174,7 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
             continue
         steps = prompted_segmentation(seg, image, labels, protocol, seed=seed, n_instances=n_instances,
                                       n_iterations=n_iterations, use_mask=use_mask, embedding=emb,
-                                      dense_prompt=dense_prompt, cache=cache, mask_prompt=mask_prompt)
+                                      dense_prompt=dense_prompt, cache=cache, mask_prompt=mask_prompt, head=head)
         ids = sample_instance_ids(labels, n_instances, rng=as_rng(seed))   # the instances protocol_prompts draws first
         gt_masks = labels[None] == ids[:, None, None]
         for it, masks, scores, _, _ in steps:

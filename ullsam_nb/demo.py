@@ -370,7 +370,7 @@ def write_report(out, plan:dict, stages:list, summary, per_image, diffs, figures
     return out/"report.md"
 
 # %% ../nbs/19_demo.ipynb #b3fa0e31
-def _train_threads(device) -> int|None:
+def _train_threads(device) -> int:
     "One torch thread for training on a CPU (these models are tiny: synchronising threads costs more than it saves); on a GPU the setting as it is."
     return 1 if torch.device(device).type == "cpu" else torch.get_num_threads()
 

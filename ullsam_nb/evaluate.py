@@ -20,7 +20,7 @@ from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCAL
 from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
-from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, lone_clicks, meets_head, meet_head, head_frame
+from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, lone_clicks, meets_head, meet_head, head_frame, refine_logits
 from .embeddings import embed_image
 from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS, lone_click_masks, best_mask
 from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
@@ -79,10 +79,9 @@ def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multi
         low, iou = seg.decode(emb.to(dev), coords, lab, bx, mask_input=mask_in, dense_prompt=dp, mask_prompt=mask_prompt,
                               multimask=lone_click_masks(seg) if mm else False)
         if mm: low, iou = best_mask(low, iou)
-        masks = (masks_to_original(low[:, 0], info) > seg.mask_threshold).cpu().numpy()
-        if meets_head(seg):          # the instance head's rules, as `segment_prompts` applies them
-            frame = frame or head_frame(seg, emb, info, image)
-            masks = meet_head(seg, masks, frame, lone_clicks(boxes, points, plabels) if mm else None)
+        if meets_head(seg): frame = frame or head_frame(seg, emb, info, image)     # the model's heads, as `segment_prompts` applies them
+        masks = (masks_to_original(refine_logits(seg, low, frame)[:, 0], info) > seg.mask_threshold).cpu().numpy()
+        if frame is not None: masks = meet_head(seg, masks, frame, lone_clicks(boxes, points, plabels) if mm else None)
         yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
         clicks = [corrective_point(m, g) or (0.0, 0.0, -1) for m, g in zip(masks, gt_masks)]

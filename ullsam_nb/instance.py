@@ -14,7 +14,8 @@ from segment_anything.modeling.common import LayerNorm2d
 from .io import as_label_map as check_labels
 
 # %% auto #0
-__all__ = ['InstanceHead', 'head_config', 'boundary_distance', 'instance_targets', 'instances_from_maps']
+__all__ = ['InstanceHead', 'head_config', 'boundary_distance', 'instance_targets', 'instances_from_maps', 'MaskRefiner',
+           'refiner_config']
 
 # %% ../nbs/07a_instance.ipynb #6ef0930a
 class InstanceHead(nn.Module):
@@ -74,3 +75,29 @@ def instances_from_maps(foreground:np.ndarray, distance:np.ndarray, fg_threshold
         areas = np.bincount(labels.ravel())
         labels[areas[labels] < min_area] = 0
     return relabel_sequential(labels)[0].astype(np.uint32)
+
+# %% ../nbs/07a_instance.ipynb #fe231368
+class MaskRefiner(nn.Module):
+    "Mask logits `(N,1,h,w)` + the frame's pixel `features` `(1|N,C,h',w')` -> refined logits `(N,1,h,w)`: the decoder's mask plus a learned residual."
+    def __init__(self, width:int=16):
+        super().__init__()
+        self.config = dict(width=width)
+        self.pixels = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+                                    nn.Conv2d(width, width, 3, padding=1))
+        self.mask_in = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.fuse = nn.Sequential(nn.GELU(), nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GELU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, 1, 3, padding=1))
+        nn.init.zeros_(self.fuse[-1].weight); nn.init.zeros_(self.fuse[-1].bias)    # untrained: the decoder's mask as it is
+
+    def features(self, image:torch.Tensor) -> torch.Tensor:
+        "Pixel features `(B,C,S/2,S/2)` of model inputs `(B,3,S,S)`: computed once per frame, shared by all its masks."
+        return self.pixels(image.to(self.mask_in.weight.dtype))
+
+    def forward(self, logits:torch.Tensor, features:torch.Tensor) -> torch.Tensor:
+        if features.shape[-2:] != logits.shape[-2:]: features = F.adaptive_avg_pool2d(features, logits.shape[-2:])
+        return logits + self.fuse(features.to(logits.dtype) + self.mask_in(torch.tanh(logits / 4)))
+
+def refiner_config(state:dict, prefix:str="mask_refiner.") -> dict|None:
+    "The `MaskRefiner` arguments a state dict's refiner weights were made with; None when it holds no refiner."
+    w = state.get(prefix + "mask_in.weight")      # Conv2d(1, width, 3) weight: (width, 1, 3, 3)
+    return None if w is None else dict(width=int(w.shape[0]))

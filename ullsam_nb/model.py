@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from .basics import InputError, atomic_path, load_json, hash_json, hash_state_dict
 from .io import preprocess_for_sam
-from .sam import build_sam, fit_instance_head
+from .sam import build_sam, fit_heads
 from .embeddings import embed_image, embedding_cache_path
 from .decode import decode_prompts, prompts_to_input, decode_dense
 from .segmenter import segment_prompts, automatic_segmentation
@@ -133,8 +133,8 @@ class ULLSAM(nn.Module):
         folder = check_saved_model(folder)
         model = cls.from_config(saved_config(folder, **overrides), pretrained=False)   # every weight comes from the folder: no 'random weights' warning
         with safe_open(str(folder/"model.safetensors"), "pt") as f:
-            meta, head = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if k.startswith("sam.instance_head.")}
-        fit_instance_head(model, head, "sam.instance_head.")          # the SAM's automatic-mode head as saved (either size)
+            meta, heads = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if k.startswith(("sam.instance_head.", "sam.mask_refiner."))}
+        fit_heads(model, heads, "sam.")          # the SAM's automatic-mode head (either size) and outline refiner, as saved
         try: load_model(model, str(folder/"model.safetensors"), strict=True)
         except RuntimeError as e: raise InputError(f"weights do not fit the config: {str(e)[:400]}", folder/"model.safetensors") from None
         model.config.sam_checkpoint = load_json(folder/"config.json").get("sam_checkpoint")

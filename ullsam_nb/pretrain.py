@@ -13,22 +13,22 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .basics import InputError, save_json, load_json, shared_data_dir, hash_file
+from .basics import InputError, save_json, load_json, shared_data_dir, hash_file, progress
 from .io import read_image, read_labels, image_to_unit, list_images, mask_path_for, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .synth import synth_sample, DOMAINS, DOMAIN_RANGES
 from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
-from .instance import instance_targets, InstanceHead
+from .instance import instance_targets, InstanceHead, MaskRefiner
 from .sam import build_sam, save_model, load_model
-from .decode import decode_prompts
+from .decode import decode_prompts, best_mask, lone_click_masks
 from .segmenter import unit_uint8, SNAP_IOU, TRIM_FOREGROUND, TRIM_KEEP
 from .train import Trainer
 from .train_parts import TrainConfig
 from .evaluate import corrective_point, evaluate_models
 
 # %% auto #0
-__all__ = ['PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs', 'real_crop', 'augment',
-           'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious', 'instance_loss', 'PretrainTask',
-           'train_config', 'pretrain_sam', 'pretrain_cmd', 'publish']
+__all__ = ['REFINE_LR', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs', 'real_crop', 'augment',
+           'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious', 'instance_loss', 'decoded_crops',
+           'RefinePool', 'PretrainTask', 'train_config', 'pretrain_sam', 'pretrain_cmd', 'run_chain', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -56,6 +56,12 @@ class PretrainConfig:
     architecture: str = "small"
     head_on: str = ""                   # a trained SAM (run folder or .safetensors): train only a fresh instance head on it, frozen
     pixel_width: int = 32               # the fresh head's full-resolution pixel path (`InstanceHead`; 0: the light head)
+    refine_on: str = ""                 # a trained SAM (run folder or .safetensors): train only a fresh outline refiner on it, frozen
+    refiner_width: int = 16             # the fresh refiner's channels (`MaskRefiner`)
+    refine_pool: int = 500              # a refine run decodes this many images once and trains on them (an epoch: each three times)
+    refine_crop: int = 56               # a refine run's loss window around each object, in mask-grid pixels
+
+REFINE_LR = 2e-3       # a refine run's learning rate (`ullsam pretrain --refine-on`): the small refiner, starting at zero, learns faster than SAM
 
 # %% ../nbs/15a_pretrain.ipynb #c1ce3a0f
 def synthetic_sample(seed:int, size:int=256, size_range=(0.6, 2.2)) -> tuple:
@@ -182,6 +188,42 @@ def instance_loss(logits:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
     return (F.binary_cross_entropy_with_logits(fg, t) + dice.mean()
             + F.binary_cross_entropy_with_logits(logits[:, 1], targets[:, 1]))
 
+# %% ../nbs/15a_pretrain.ipynb #dce62754
+def decoded_crops(model, item:dict, rng:np.random.Generator, max_instances:int=6, crop:int=56, outside_weight:float=0.1,
+                  border:int=5) -> dict|None:
+    "One image's prompted objects as a refine run trains on them: the frozen decoder's best logits, the truth and BCE weights in a `crop`² window of the mask grid around each object, padded to `max_instances` (`valid`); None without objects."
+    labels = item["labels"].numpy(); slices = instance_slices(labels)
+    ids = np.array([i for i, (r, c) in slices.items() if (labels[r, c] == i).sum() >= 12], np.int64)
+    if len(ids) == 0: return None
+    ids = rng.choice(ids, min(max_instances, len(ids)), replace=False)
+    p = mixed_prompt_sampler(labels, ids, rng, slices=slices)
+    tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt)
+    x = item["image"][None]
+    low, iou = decode_prompts(model, model.image_encoder(x), tens(p.points), tens(p.point_labels, torch.int64), tens(p.boxes),
+                              multimask=lone_click_masks(model) if p.kind == "point" else False)
+    low = best_mask(low.float(), iou.float())[0][:, 0]            # (N,g,g): the mask a user gets
+    g = low.shape[-1]; scale = x.shape[-1] // g; C = min(crop, g)
+    target = F.avg_pool2d(torch.from_numpy((labels[None] == ids[:, None, None]).astype(np.float32))[:, None], scale)[:, 0]
+    boxes = boxes_from_labels(labels, ids, slices=slices)
+    weight = roi_weights(boxes, (g, g), scale, outside_weight)
+    origin = np.clip((boxes.reshape(-1, 2, 2).mean(1)[:, ::-1] / scale).astype(int) - C // 2, 0, g - C)    # (N,2) row, column
+    window = lambda a: torch.stack([a[n, y:y+C, x_:x_+C] for n, (y, x_) in enumerate(origin)])
+    w = window(weight).clone()
+    w[:, :border] = w[:, -border:] = 0; w[:, :, :border] = w[:, :, -border:] = 0
+    n, K = len(ids), max_instances
+    pad = lambda a, fill: torch.cat([a, torch.full((K - n, *a.shape[1:]), fill, dtype=a.dtype)])
+    return dict(image=item["image"].to(torch.bfloat16), logits=pad(window(low), 0.0).to(torch.bfloat16),
+                target=pad(window(target), 0.0).to(torch.bfloat16), weight=pad(w, 1.0).to(torch.bfloat16),
+                origin=pad(torch.from_numpy(origin.astype(np.int64)), 0), valid=torch.arange(K) < n)
+
+class RefinePool(torch.utils.data.Dataset):
+    "A refine run's decoded images (`decoded_crops`), each served `repeats` times an epoch."
+    def __init__(self, items:list, repeats:int=3):
+        if not items: raise InputError("a refine run needs images with objects; none were decoded")
+        self.items, self.repeats = items, repeats
+    def __len__(self): return len(self.items) * self.repeats
+    def __getitem__(self, i:int) -> dict: return self.items[i % len(self.items)]
+
 # %% ../nbs/15a_pretrain.ipynb #eb5129ef
 def _correction_clicks(low:torch.Tensor, gt:np.ndarray) -> tuple:
     "One corrective click per instance from low-res logits `(N,h,w)` and full-size masks `gt (N,H,W)`: points (N,1,2), labels (N,1)."
@@ -193,7 +235,7 @@ class PretrainTask:
     "Generalist-SAM pretraining for the shared `Trainer`: prompted mask loss (+ IoU head, + one correction round) and the instance head's loss."
     def __init__(self, cfg:PretrainConfig, model=None, real_pairs=None, quiet:bool=True):
         self.cfg = cfg
-        if model is None and cfg.head_on: model = self._frozen_sam(cfg)
+        if model is None and (cfg.head_on or cfg.refine_on): model = self._frozen_sam(cfg)
         self.model = model if model is not None else build_sam(cfg.architecture, pretrained=False, seed=cfg.seed)
         if model is None:
             with torch.no_grad(): self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_(0, cfg.pe_scale)
@@ -202,20 +244,31 @@ class PretrainTask:
         self.size, self.grid = size, 4 * self.model.prompt_encoder.image_embedding_size[0]
         self.real = read_real_pairs(cfg.real_dir or None, half="left") if real_pairs is None else real_pairs
         self.train_dataset = PretrainDataset(cfg, self.real, size, self.grid)
+        if cfg.refine_on: self.train_dataset = RefinePool(self._decoded_pool(self.train_dataset), repeats=3)
         self.val_samples = [synthetic_sample(10**9 + k, size, cfg.size_range) for k in range(cfg.val_images)]
         self.device = torch.device("cpu")
 
     @staticmethod
     def _frozen_sam(cfg:PretrainConfig):
-        "The SAM of `cfg.head_on`, frozen, with a fresh (seeded) instance head of `cfg.pixel_width` as its only trainable part."
-        model = load_model(cfg.head_on)
-        if not hasattr(model, "instance_head"): raise InputError("this SAM has no instance head to replace (a head run needs a `small` SAM)", cfg.head_on)
+        "The SAM of `cfg.head_on` (`cfg.refine_on`), frozen, with a fresh (seeded) instance head of `cfg.pixel_width` (outline refiner of `cfg.refiner_width`) as its only trainable part."
+        model = load_model(cfg.head_on or cfg.refine_on)
+        if cfg.head_on and not hasattr(model, "instance_head"): raise InputError("this SAM has no instance head to replace (a head run needs a `small` SAM)", cfg.head_on)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model.instance_head = InstanceHead(**{**model.instance_head.config, "pixel_width": cfg.pixel_width})
-        for name, p in model.named_parameters(): p.requires_grad_(name.startswith("instance_head."))
-        if cfg.pixel_width and model.lone_click == "all": model.lone_click = "instance"     # lone clicks meet the sharper head (`segmenter.snap_clicks`)
+            if cfg.head_on: model.instance_head = InstanceHead(**{**model.instance_head.config, "pixel_width": cfg.pixel_width})
+            else: model.mask_refiner = MaskRefiner(cfg.refiner_width)
+        part = "instance_head." if cfg.head_on else "mask_refiner."
+        for name, p in model.named_parameters(): p.requires_grad_(name.startswith(part))
+        if cfg.head_on and cfg.pixel_width and model.lone_click == "all": model.lone_click = "instance"     # lone clicks meet the sharper head (`segmenter.snap_clicks`)
         return model
+
+    def _decoded_pool(self, data:PretrainDataset) -> list:
+        "A refine run's images (`refine_pool` of `data`), each decoded once by the frozen SAM (`decoded_crops`)."
+        cfg = self.cfg
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            pool = [decoded_crops(self.model, data[i], np.random.default_rng([cfg.seed, 11, i]), cfg.max_instances, cfg.refine_crop, cfg.outside_weight)
+                    for i in progress(range(cfg.refine_pool), desc="decoding the refine run's images")]
+        return [p for p in pool if p is not None]
 
     def save_model(self, folder):
         "The trained SAM (with its instance head) as `folder/sam.safetensors` + `sam.json`."
@@ -253,8 +306,19 @@ class PretrainTask:
             loss = loss + mask_loss(low2, target, weight).mean() + F.mse_loss(iou2.float(), mask_ious(low2.detach(), target))
         return loss, p.kind
 
+    def _refine_step(self, batch:dict) -> dict:
+        "A refine run's loss: the refiner's masks in each object's window (`decoded_crops`) against the truth."
+        refiner, C = self.model.mask_refiner, self.cfg.refine_crop
+        feats = refiner.features(batch["image"].float())
+        windows = torch.stack([feats[b, :, y:y+C, x:x+C] for b in range(len(feats)) for y, x in batch["origin"][b].tolist()])
+        out = refiner(batch["logits"].flatten(0, 1)[:, None].float(), windows).float()
+        loss = mask_loss(out, batch["target"].flatten(0, 1).float(), batch["weight"].flatten(0, 1).float())[:, 0]
+        loss = loss[batch["valid"].flatten()].mean()
+        return dict(loss=loss, mask_loss=loss.detach(), instance_loss=loss.detach() * 0)
+
     def training_step(self, batch:dict) -> dict:
-        "Loss of one batch: prompted masks (+ correction) per image, plus the instance head."
+        "Loss of one batch: prompted masks (+ correction) per image, plus the instance head (a refine run: the refiner's masks)."
+        if self.cfg.refine_on: return self._refine_step(batch)
         x = batch["image"].to(self.device)
         with torch.set_grad_enabled(not self.cfg.head_on): emb = self.model.image_encoder(x)      # a head run: SAM is frozen
         head = instance_loss(self.model.instance_head(emb, x).float(), batch["targets"].to(self.device))
@@ -267,11 +331,12 @@ class PretrainTask:
         return dict(loss=masks + head, mask_loss=masks.detach(), instance_loss=head.detach())
 
     def validate(self) -> dict:
-        "Synthetic validation (never the real pairs): mSA with one box, with one point, and automatic (instance head)."
+        "Synthetic validation (never the real pairs): mSA with one box, with one point, and automatic (instance head; not in a refine run, which cannot change it)."
         samples = [SimpleNamespace(image=im, labels=lab) for im, lab in self.val_samples]
-        per_image, _ = evaluate_models({"m": self.model}, samples, protocols=("box", "point", "auto"), cache=False, progress_bar=False)
+        protocols = ("box", "point") if self.cfg.refine_on else ("box", "point", "auto")
+        per_image, _ = evaluate_models({"m": self.model}, samples, protocols=protocols, cache=False, progress_bar=False)
         means = per_image.groupby("protocol")["mSA"].mean()
-        return dict(mSA=float(means["box"]), point_mSA=float(means["point"]), auto_mSA=float(means["auto"]))
+        return dict(mSA=float(means["box"]), point_mSA=float(means["point"]), **({"auto_mSA": float(means["auto"])} if "auto" in protocols else {}))
 
 # %% ../nbs/15a_pretrain.ipynb #d3d5852b
 def train_config(cfg:PretrainConfig):
@@ -292,7 +357,7 @@ def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=No
     wall = wall0 + time.time() - t0
     task.model.eval()
     with torch.no_grad(): result["val"] = task.validate()      # the final model, whatever step the last epoch ended at
-    base = Path(cfg.head_on) if cfg.head_on else None         # a head run: the frozen SAM's own run record comes along
+    base = Path(cfg.head_on or cfg.refine_on) if (cfg.head_on or cfg.refine_on) else None    # a head or refine run: the frozen SAM's own run record comes along
     base = base.parent if base is not None and base.is_file() else base
     extra = dict(base=load_json(base/"pretrain.json")) if base is not None and (base/"pretrain.json").exists() else {}
     save_json(dict(config=asdict(cfg), status=result["status"], step=result["step"], val=result["val"], best=result["best"],
@@ -310,35 +375,78 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
                  threads:int=0, # CPU threads for torch (0: torch's default)
                  click_object:bool=True, # lone clicks also train the single mask as the whole object (--no-click-object: the recipe before it)
                  head_on:str="", # a finished run folder (or .safetensors): train only a fresh automatic-mode head (pixel path) on its frozen SAM
+                 refine_on:str="", # a finished run folder (or .safetensors): train only a fresh outline refiner on its frozen SAM
+                 lr:float=0.0, # learning rate (0: the recipe's, 6e-4; 2e-3 for a refine run)
                 ) -> int:
     "Pretrain the toolkit's own generalist SAM (the shipped `small` model) on synthetic and real microscopy."
     if threads: torch.set_num_threads(int(threads))
     use_real = real.lower() != "none"
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "", click_object=click_object,
-                         real_fraction=PretrainConfig.real_fraction if use_real else 0.0, head_on=head_on)
+                         real_fraction=PretrainConfig.real_fraction if use_real else 0.0, head_on=head_on, refine_on=refine_on,
+                         lr=lr or (REFINE_LR if refine_on else PretrainConfig.lr))
+    if head_on and refine_on: raise InputError("give --head-on or --refine-on, not both")
     task = PretrainTask(cfg, real_pairs=None if use_real else [])
-    what = f"the instance head on the frozen SAM of {head_on}" if head_on else cfg.architecture
+    what = (f"the instance head on the frozen SAM of {head_on}" if head_on else f"the outline refiner on the frozen SAM of {refine_on}" if refine_on
+            else cfg.architecture)
     print(f"pretraining {what} for {steps} steps x {batch_size} images; real pairs (left halves): {len(task.real)}")
     res = pretrain_sam(cfg, out, task=task, resume=resume)
     print(f"{res['status']} at step {res['step']} in {res['wall_s']/60:.1f} min; last validation {res['val']} -> {out}")
     return 0
 
 # %% ../nbs/15a_pretrain.ipynb #366334a7
-def _reproduce(cfg:dict, out:str, head_on:str="") -> str:
-    return (f"ullsam pretrain --out {out}" + (f" --head-on {head_on}" if head_on else "")
-            + f" --steps {cfg['steps']} --batch-size {cfg['batch_size']} --seed {cfg['seed']} --threads 2")
+def run_chain(record:dict) -> dict:
+    "The runs behind a run record (`pretrain.json`), by kind: `pretrain` (the SAM), `head` (a `--head-on` run), `refine` (a `--refine-on` run); absent kinds are None."
+    runs = dict(pretrain=None, head=None, refine=None)
+    while record:
+        cfg = record["config"]
+        kind = "head" if cfg.get("head_on") else "refine" if cfg.get("refine_on") else "pretrain"
+        if runs[kind] is None: runs[kind] = record       # the newest run of a kind is the one the weights carry
+        record = record.get("base")
+    return runs
+
+def _reproduce(cfg:dict, out:str, on:str="") -> str:
+    flag = "--head-on" if cfg.get("head_on") else "--refine-on" if cfg.get("refine_on") else ""
+    lr = f" --lr {cfg['lr']}" if cfg.get("refine_on") and cfg["lr"] != REFINE_LR else ""
+    return (f"ullsam pretrain --out {out}" + (f" {flag} {on}" if flag else "")
+            + f" --steps {cfg['steps']} --batch-size {cfg['batch_size']} --seed {cfg['seed']}{lr} --threads 2")
+
+def _commands(runs:dict) -> list:
+    "The `ullsam pretrain` commands that rebuild a chain of runs, each on the folder of the one before."
+    lines, prev = [], ""
+    for kind in ("pretrain", "head", "refine"):
+        if runs[kind] is None: continue
+        lines.append(_reproduce(runs[kind]["config"], f"runs/{kind}", prev)); prev = f"runs/{kind}"
+    return lines
+
+def _head_line(run:dict, trims:bool) -> str:
+    c = run["config"]
+    return (f"- Then the automatic-mode head alone (`--head-on`): a fresh `InstanceHead` with a {c['pixel_width']}-channel full-resolution "
+            f"pixel path, {c['steps']} steps × {c['batch_size']} images on the frozen SAM (same data; lr {c['lr']}, seed {c['seed']}), "
+            f"{run['wall_s']/60:.1f} min. The encoder and the decoder are the first run's; a lone click takes the new head's instance under it "
+            f"where that agrees with the decoder's mask (IoU ≥ {SNAP_IOU}, `lone_click='instance'`)"
+            + (f", and every prompted mask is cut to the head's foreground (p > {TRIM_FOREGROUND}) where the cut keeps at least {TRIM_KEEP:.0%} of it "
+               "(`segmenter.trim_masks`)." if trims else "."))
+
+def _refine_line(run:dict) -> str:
+    c = run["config"]
+    return (f"- Then the outline refiner alone (`--refine-on`): a fresh `MaskRefiner` ({c['refiner_width']} channels) on the frozen SAM and head, "
+            f"trained on {c['refine_pool']} images of the same data decoded once (≤ {c['max_instances']} objects each, the same prompt mix), "
+            f"loss in a {c['refine_crop']}² window of the mask grid around each object; {c['steps']} steps × {c['batch_size']} images, lr {c['lr']}, "
+            f"seed {c['seed']}, {run['wall_s']/60:.1f} min. Every prompted mask's logits are redrawn by it before upsampling "
+            "(`segmenter.refine_logits`); it takes the place of the trim to the head's foreground.")
 
 def _card(record:dict, quality:dict|None) -> str:
-    base = record.get("base")                    # a head run: the SAM itself came from this pretraining run
-    cfg, head = (base["config"], record["config"]) if base else (record["config"], None)
-    wall = record["wall_s"] + (base["wall_s"] if base else 0)
+    runs = run_chain(record)                      # the SAM, then the runs that trained only a part on it, frozen
+    cfg, head, refine = runs["pretrain"]["config"], runs["head"], runs["refine"]
+    n_runs = sum(r is not None for r in runs.values())
+    wall = sum(r["wall_s"] for r in runs.values() if r is not None)
     lines = [f"# Model card: `small`, the toolkit's own generalist SAM", "",
              "A Segment Anything model built from segment-anything's own classes (`SMALL_CONFIG`: 256² input, 8-px patches, "
              "a 4-block 128-wide ViT with windowed and 2 global attention blocks, a 128-channel 32×32 embedding, SAM's prompt "
              "encoder and mask decoder, 128×128 low-resolution masks) plus an instance head for automatic segmentation "
              f"({record.get('parameters', 0)/1e6:.2f} M parameters). Trained from scratch by `ullsam pretrain`.", "",
-             "## Reproduce", "", "```sh", _reproduce(cfg, "runs/pretrain"), *([_reproduce(head, "runs/head", "runs/pretrain")] if head else []),
-             "```", "", f"One run{' of each' if head else ''} so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
+             "## Reproduce", "", "```sh", *_commands(runs),
+             "```", "", f"One run{' of each' if n_runs > 1 else ''} so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
              "across thread schedules, so a rerun is expected near, not at, the figures below (the tolerance is not yet measured).", "",
              "## Training", "",
              f"- {cfg['steps']} optimizer steps × {cfg['batch_size']} images, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']:.0%}, cosine to "
@@ -350,12 +458,8 @@ def _card(record:dict, quality:dict|None) -> str:
              f"one corrective click with the previous mask on {cfg['correction']:.0%} of images; prompts also as a dense map (`sam.prompt_raster`); "
              f"position-feature scale {cfg['pe_scale']}; BCE weighted 1 near the box, "
              f"{cfg['outside_weight']} elsewhere, + soft Dice; IoU head by MSE; instance head: foreground + boundary distance.",
-             *([f"- Then the automatic-mode head alone (`--head-on`): a fresh `InstanceHead` with a {head['pixel_width']}-channel full-resolution "
-                f"pixel path, {head['steps']} steps × {head['batch_size']} images on the frozen SAM (same data; lr {head['lr']}, seed {head['seed']}), "
-                f"{record['wall_s']/60:.1f} min. The encoder and the decoder are the first run's; a lone click takes the new head's instance under it "
-                f"where that agrees with the decoder's mask (IoU ≥ {SNAP_IOU}, `lone_click='instance'`), and every prompted mask is cut to the head's "
-                f"foreground (p > {TRIM_FOREGROUND}) where the cut keeps at least {TRIM_KEEP:.0%} of it (`segmenter.trim_masks`)."] if head else []),
-             f"- Wall time {wall/60:.1f} min{' for both runs' if head else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
+             *([_head_line(head, trims=refine is None)] if head else []), *([_refine_line(refine)] if refine else []),
+             f"- Wall time {wall/60:.1f} min{f' for the {n_runs} runs' if n_runs > 1 else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
              *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
     if quality:
@@ -385,7 +489,7 @@ def publish(run, quality=None, name:str="small", dest=None) -> Path:
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None
-    if model.lone_click == "three" and (record.get("base") or record)["config"].get("click_object"):
+    if model.lone_click == "three" and run_chain(record)["pretrain"]["config"].get("click_object"):
         model.lone_click = "all"           # a run that predates `lone_click`: the weights say how they answer a lone click
     save_model(model, dest, stem)
     if quality: shutil.copyfile(quality, dest/f"{stem}_quality.json")          # the benchmark the card quotes, beside it

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam, ImageEncoderViT, PromptEncoder, MaskDecoder, TwoWayTransformer
-from .instance import InstanceHead, head_config
+from .instance import InstanceHead, head_config, MaskRefiner, refiner_config
 from .basics import InputError, atomic_write, default_device, hash_file, hash_state_dict, save_json, load_json
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'sam_from_config', 'small_sam', 'weights_dir',
            'pretrained_weights', 'sam_architecture', 'build_sam', 'strip_key_prefixes', 'read_checkpoint',
-           'CheckpointMismatchError', 'check_state_dict', 'fit_instance_head', 'load_checkpoint', 'save_model',
-           'load_model', 'model_identity']
+           'CheckpointMismatchError', 'check_state_dict', 'fit_heads', 'load_checkpoint', 'save_model', 'load_model',
+           'model_identity']
 
 # %% ../nbs/08_sam.ipynb #0b8c2ff0
 TINY_CONFIG = dict(image_size=256, patch_size=16, encoder_embed_dim=128, encoder_depth=4, encoder_num_heads=4,
@@ -165,19 +165,22 @@ def check_state_dict(model:nn.Module, state:dict, path=None) -> None:
     if shapes: parts.append(f"shape conflicts: {_list(shapes, 5)}")
     raise CheckpointMismatchError("; ".join(parts), path)
 
-def fit_instance_head(model:nn.Module, state:dict, prefix:str="instance_head.") -> nn.Module:
-    "Give `model` (a SAM with an `instance_head`, or a model holding one under `prefix`) the head size its checkpoint `state` holds."
+def fit_heads(model:nn.Module, state:dict, prefix:str="") -> nn.Module:
+    "Give the SAM in `model` (itself, or held under `prefix`, e.g. 'sam.') the instance-head size and the outline refiner its checkpoint `state` holds."
     owner = model
-    for part in prefix.split(".")[:-2]: owner = getattr(owner, part, None)      # e.g. 'sam.instance_head.' -> model.sam
-    cfg, head = head_config(state, prefix), getattr(owner, "instance_head", None)
-    if cfg is not None and head is not None and cfg != getattr(head, "config", None):
-        owner.instance_head = InstanceHead(**cfg).to(next(head.parameters()).device)
+    for part in prefix.split(".")[:-1]: owner = getattr(owner, part)      # 'sam.' -> model.sam
+    device = next(owner.parameters()).device
+    cfg, head = head_config(state, prefix + "instance_head."), getattr(owner, "instance_head", None)
+    if cfg is not None and head is not None and cfg != getattr(head, "config", None): owner.instance_head = InstanceHead(**cfg).to(device)
+    cfg, refiner = refiner_config(state, prefix + "mask_refiner."), getattr(owner, "mask_refiner", None)
+    if cfg is None and refiner is not None: del owner.mask_refiner
+    elif cfg is not None and cfg != getattr(refiner, "config", None): owner.mask_refiner = MaskRefiner(**cfg).to(device)
     return model
 
 def load_checkpoint(model:Sam, path) -> dict:
     "Load a SAM checkpoint (official / micro-sam / ours) into `model` strictly; returns the extras (`format`, e.g. `decoder_state`)."
     state, extras = read_checkpoint(path)
-    fit_instance_head(model, state)
+    fit_heads(model, state)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
     model.ullsam_checkpoint = str(path)

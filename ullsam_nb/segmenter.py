@@ -22,10 +22,10 @@ from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
 __all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter',
-           'snaps_clicks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks', 'trim_masks', 'HeadFrame',
-           'head_frame', 'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled',
-           'masks_to_labels', 'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps',
-           'head_maps', 'automatic_segmentation']
+           'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks', 'trim_masks',
+           'HeadFrame', 'head_frame', 'refine_logits', 'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent',
+           'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
+           'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -64,14 +64,18 @@ def snaps_clicks(model) -> bool:
     sam = getattr(model, "sam", model)
     return getattr(sam, "lone_click", "three") == "instance" and hasattr(sam, "instance_head")
 
+def refines_masks(model) -> bool:
+    "Whether `model` (a SAM or a segmenter holding one) redraws its prompted masks' outlines with an outline refiner (`instance.MaskRefiner`)."
+    return hasattr(getattr(model, "sam", model), "mask_refiner")
+
 def trims_masks(model) -> bool:
-    "Whether `model`'s prompted masks are trimmed to its instance head's foreground: a SAM (or a segmenter holding one) whose head has the full-resolution pixel path."
+    "Whether `model`'s prompted masks are trimmed to its instance head's foreground: a SAM (or a segmenter holding one) whose head has the full-resolution pixel path, and no outline refiner (which takes the trim's place)."
     head = getattr(getattr(model, "sam", model), "instance_head", None)
-    return head is not None and getattr(head, "config", {}).get("pixel_width", 0) > 0
+    return head is not None and getattr(head, "config", {}).get("pixel_width", 0) > 0 and not refines_masks(model)
 
 def meets_head(model) -> bool:
-    "Whether `model`'s prompted masks go through `meet_head` at all."
-    return snaps_clicks(model) or trims_masks(model)
+    "Whether `model`'s prompted masks go through its heads at all (`refine_logits`, `meet_head`): it then needs a `HeadFrame` per frame."
+    return snaps_clicks(model) or trims_masks(model) or refines_masks(model)
 
 def lone_clicks(boxes, points, point_labels) -> np.ndarray|None:
     "The `(N,2)` click of each prompt when every prompt is one positive click and nothing else; else None."
@@ -101,15 +105,29 @@ def trim_masks(masks:np.ndarray, foreground:np.ndarray, min_keep:float=TRIM_KEEP
 
 @dataclass(eq=False)
 class HeadFrame:
-    "The instance head's reading of one frame: `foreground` and boundary-`distance` probabilities `(H,W)`; `instances`, the automatic mode's label map, on first use."
-    foreground: np.ndarray
-    distance: np.ndarray
+    "What a model's heads read from one frame: the instance head's `foreground` and boundary-`distance` probabilities `(H,W)` (None without a head), the outline refiner's pixel features `(1,C,h,w)` (None without one); `instances`, the automatic mode's label map, on first use."
+    foreground: np.ndarray|None = None
+    distance: np.ndarray|None = None
+    pixels: torch.Tensor|None = None
     @cached_property
     def instances(self) -> np.ndarray: return instances_from_maps(self.foreground, self.distance)
 
 def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> HeadFrame:
-    "The `HeadFrame` of one frame from its embedding (`head_maps`): computed once, it serves every prompt of the frame."
-    return HeadFrame(*head_maps(seg.sam, embedding, info, image, seg.preprocess))
+    "The `HeadFrame` of one frame from its embedding (`head_maps`, `MaskRefiner.features`): computed once, it serves every prompt of the frame."
+    sam, frame = seg.sam, HeadFrame()
+    x = preprocess_for_sam(image, size=sam.image_encoder.img_size, mode=seg.preprocess)[0][None]
+    if hasattr(sam, "instance_head"): frame.foreground, frame.distance = head_maps(sam, embedding, info, image, seg.preprocess, model_input=x)
+    if refines_masks(sam):
+        with torch.no_grad(): frame.pixels = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
+    return frame
+
+def refine_logits(seg, logits:torch.Tensor, frame:HeadFrame|None, chunk:int=32) -> torch.Tensor:
+    "Low-resolution mask logits `(N,M,h,w)` redrawn by the model's outline refiner with the frame's pixel features; as they were without one."
+    if frame is None or frame.pixels is None or logits.numel() == 0: return logits
+    refiner, flat = seg.sam.mask_refiner, logits.flatten(0, 1)[:, None]
+    with torch.no_grad():
+        out = torch.cat([refiner(flat[s:s+chunk].to(frame.pixels.dtype), frame.pixels) for s in range(0, len(flat), chunk)])
+    return out.reshape(logits.shape).to(logits.dtype)
 
 def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None) -> np.ndarray:
     "Prompted masks `(N,H,W)` after the instance head's two rules: lone `clicks` `(N,2)` snap to the agreeing instance (`snaps_clicks`), then every mask is trimmed to the foreground (`trims_masks`)."
@@ -141,11 +159,13 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
         m = 3 if (multimask and not best) else None
         shape = (0, m, H, W) if m else (0, H, W)
         return torch.zeros(shape, dtype=torch.float32 if return_logits else torch.bool), torch.zeros((0, 3) if m else (0,))
+    frame = (head if head is not None else head_frame(seg, embedding, info, image)) if meets_head(seg) else None
     dp = None if dense_prompt is None else dense_prompt.to(dev)
     mi = None if mask_input is None else torch.as_tensor(mask_input, dtype=torch.float32).to(dev)
     mm = (lone_click_masks(seg) if best else True) if multimask else False      # without `best`: SAM's three, as SamPredictor gives
     low, iou = seg.decode(embedding.to(dev), coords, labels, bx, mask_input=mi, dense_prompt=dp, mask_prompt=mask_prompt, multimask=mm)
     if multimask and best: low, iou = best_mask(low, iou)
+    low = refine_logits(seg, low, frame)        # the outline refiner's, when the model has one
     M = low.shape[1]
     outs = []
     for s in range(0, n, chunk):
@@ -154,9 +174,8 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
         outs.append(up.float().cpu() if return_logits else (up > seg.mask_threshold).cpu())
     masks, scores = torch.cat(outs), iou.float().cpu()
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
-    if not return_logits and meets_head(seg):       # the instance head's rules (`meet_head`); logits stay the decoder's
+    if not return_logits and frame is not None:       # the instance head's rules (`meet_head`) apply to masks, not logits
         clicks = lone_clicks(boxes, points, point_labels) if (multimask and best) else None
-        frame = head if head is not None else head_frame(seg, embedding, info, image)
         masks = torch.from_numpy(meet_head(seg, masks.reshape(-1, H, W).numpy(), frame, clicks)).reshape(masks.shape)
     return masks, scores
 
@@ -313,12 +332,12 @@ def instance_maps(model:Sam, image, mode:str="sam", cache=True, tile:bool|None=N
     return head_maps(model, emb, info, image, mode)
 
 @torch.no_grad()
-def head_maps(model:Sam, embedding:torch.Tensor, info:SamInputInfo, image, mode:str="sam") -> np.ndarray:
-    "`instance_maps` of one frame whose embedding is already computed: `(2,H,W)` probabilities at the original size."
+def head_maps(model:Sam, embedding:torch.Tensor, info:SamInputInfo, image, mode:str="sam", model_input=None) -> np.ndarray:
+    "`instance_maps` of one frame whose embedding is already computed: `(2,H,W)` probabilities at the original size; `model_input` `(1,3,S,S)` when the caller has it."
     head = model.instance_head
-    x, _ = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)
+    x = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)[0][None] if model_input is None else model_input
     w = next(head.parameters())
-    probs = head(embedding.to(w.device, w.dtype), x[None].to(w.device, w.dtype)).float().sigmoid()[0]
+    probs = head(embedding.to(w.device, w.dtype), x.to(w.device, w.dtype)).float().sigmoid()[0]
     return masks_to_original(probs, info).cpu().numpy()
 
 # %% ../nbs/08c_segmenter.ipynb #c93cae6c

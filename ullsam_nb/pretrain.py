@@ -435,15 +435,24 @@ def _refine_line(run:dict) -> str:
             f"seed {c['seed']}, {run['wall_s']/60:.1f} min. Every prompted mask's logits are redrawn by it before upsampling "
             "(`segmenter.refine_logits`); it takes the place of the trim to the head's foreground.")
 
+def _validation(runs:dict) -> dict:
+    "The final model's synthetic validation: each run's figures, a later run's replacing an earlier's (a refine run does not re-validate the automatic mode, which it cannot change)."
+    val = {}
+    for kind in ("pretrain", "head", "refine"):
+        if runs[kind] is not None: val.update({k: round(v, 3) for k, v in runs[kind]["val"].items()})
+    return val
+
 def _card(record:dict, quality:dict|None) -> str:
     runs = run_chain(record)                      # the SAM, then the runs that trained only a part on it, frozen
     cfg, head, refine = runs["pretrain"]["config"], runs["head"], runs["refine"]
     n_runs = sum(r is not None for r in runs.values())
+    finish = "the outline refiner" if refine else "the head's trim"
     wall = sum(r["wall_s"] for r in runs.values() if r is not None)
     lines = [f"# Model card: `small`, the toolkit's own generalist SAM", "",
              "A Segment Anything model built from segment-anything's own classes (`SMALL_CONFIG`: 256² input, 8-px patches, "
              "a 4-block 128-wide ViT with windowed and 2 global attention blocks, a 128-channel 32×32 embedding, SAM's prompt "
              "encoder and mask decoder, 128×128 low-resolution masks) plus an instance head for automatic segmentation "
+             + ("and an outline refiner for prompted masks " if refine else "") +
              f"({record.get('parameters', 0)/1e6:.2f} M parameters). Trained from scratch by `ullsam pretrain`.", "",
              "## Reproduce", "", "```sh", *_commands(runs),
              "```", "", f"One run{' of each' if n_runs > 1 else ''} so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
@@ -461,7 +470,7 @@ def _card(record:dict, quality:dict|None) -> str:
              *([_head_line(head, trims=refine is None)] if head else []), *([_refine_line(refine)] if refine else []),
              f"- Wall time {wall/60:.1f} min{f' for the {n_runs} runs' if n_runs > 1 else ''} on {record.get('machine', 'this machine')} ({record.get('torch_threads')} torch threads).",
              *([f"- {record['note']}"] if record.get("note") else []),
-             "", "## Validation (synthetic, final model)", "", f"`{record['val']}`", ""]
+             "", "## Validation (synthetic, final model)", "", f"`{_validation(runs)}`", ""]
     if quality:
         lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run:", "",
                   "| set | protocol | model | floors | model − best floor | beats floors |", "| --- | --- | --- | --- | --- | --- |"]
@@ -471,9 +480,9 @@ def _card(record:dict, quality:dict|None) -> str:
             lines.append(f"| {k} | {v['model']:.3f} | {fl} | {v['model'] - max(floors.values()):+.3f} | {'yes' if v['beats_floors'] else '**no**'} |")     # k is "set | protocol"
         sp = quality.get("speed", {})
         if sp: lines += ["", f"Speed on this CPU ({sp.get('threads')} threads): encoder {sp['encoder_s_per_512']:.2f} s per 512² image "
-                         f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per box prompt batched, the head's trim included "
+                         f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per box prompt batched, {finish} included "
                          f"(segment-anything's SamPredictor one prompt at a time: {sp['prompt_ms_reference_samprediction']:.1f} ms)"
-                         + (f", {sp['click_ms_batched']:.1f} ms per lone click batched (the head's snap and trim included)." if "click_ms_batched" in sp else ".")]
+                         + (f", {sp['click_ms_batched']:.1f} ms per lone click batched (the head's snap and {finish} included)." if "click_ms_batched" in sp else ".")]
     lines += ["", "## Limits", "", "- Small and trained for minutes on a CPU: use µSAM / SAM checkpoints (`--checkpoint`) where they fit your data and hardware.",
               "- The real pairs' left halves were trained on; only the right halves are held out (scores on the full images include seen pixels).",
               "- Why the rows marked **no** miss (and what was tried): the section \"Where the shipped model falls short, and why\" of the pretraining notebook (`nbs/15a_pretrain.ipynb`).",

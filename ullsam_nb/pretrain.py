@@ -61,7 +61,7 @@ class PretrainConfig:
     refine_pool: int = 500              # a refine run decodes this many images once and trains on them (an epoch: each three times)
     refine_crop: int = 56               # a refine run's loss window around each object, in mask-grid pixels
 
-REFINE_LR = 2e-3       # a refine run's learning rate (`ullsam pretrain --refine-on`): the small refiner, starting at zero, learns faster than SAM
+REFINE_LR = 2e-3       # the learning rate of a refine run (`refine_on`): the small refiner, starting at zero, learns faster than SAM
 
 # %% ../nbs/15a_pretrain.ipynb #c1ce3a0f
 def synthetic_sample(seed:int, size:int=256, size_range=(0.6, 2.2)) -> tuple:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.predictor import SamPredictor
 from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
@@ -21,11 +22,11 @@ from .embeddings import embed_image
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
-__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter', 'as_segmenter',
-           'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks', 'trim_masks',
-           'HeadFrame', 'head_frame', 'refine_logits', 'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent',
-           'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
-           'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
+__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter',
+           'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks',
+           'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'meet_head', 'segment_prompts',
+           'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor',
+           'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -121,13 +122,39 @@ def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> HeadFra
         with torch.no_grad(): frame.pixels = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
     return frame
 
+REFINE_MARGIN = 8      # the refiner redraws a mask in a window: the extent of its positive logits plus this margin (mask-grid pixels)
+
+def _extent(hit:torch.Tensor, fallback:torch.Tensor) -> tuple:
+    "First and last index along dim 1 where `hit` `(N,L)` is true; `fallback` `(N,)` for rows with none."
+    has, L = hit.any(1), hit.shape[1]
+    return (torch.where(has, hit.float().argmax(1), fallback), torch.where(has, L - 1 - hit.flip(1).float().argmax(1), fallback))
+
+def mask_windows(logits:torch.Tensor, margin:int=REFINE_MARGIN, multiple:int=8) -> tuple:
+    "One window size for a batch of low-res logits `(N,h,w)` and each mask's window origin: `((wh, ww), origins (N,2) row, column)`; a window holds the mask's positive logits (its peak when it has none) plus `margin`."
+    N, h, w = logits.shape
+    peak = logits.flatten(1).argmax(1)
+    r0, r1 = _extent((logits > 0).any(2), peak // w)
+    c0, c1 = _extent((logits > 0).any(1), peak % w)
+    grow = lambda span, n: min(n, int((span.max() + 1 + 2 * margin + multiple - 1) // multiple * multiple))
+    wh, ww = grow(r1 - r0, h), grow(c1 - c0, w)
+    origin = torch.stack([((r0 + r1) // 2 - wh // 2).clamp(0, h - wh), ((c0 + c1) // 2 - ww // 2).clamp(0, w - ww)], 1)
+    return (wh, ww), origin
+
 def refine_logits(seg, logits:torch.Tensor, frame:HeadFrame|None, chunk:int=32) -> torch.Tensor:
-    "Low-resolution mask logits `(N,M,h,w)` redrawn by the model's outline refiner with the frame's pixel features; as they were without one."
+    "Low-resolution mask logits `(N,M,h,w)` redrawn by the model's outline refiner with the frame's pixel features, each in its window (`mask_windows`); as they were without one."
     if frame is None or frame.pixels is None or logits.numel() == 0: return logits
-    refiner, flat = seg.sam.mask_refiner, logits.flatten(0, 1)[:, None]
+    refiner, flat = seg.sam.mask_refiner, logits.flatten(0, 1)
+    pixels = frame.pixels if frame.pixels.shape[-2:] == flat.shape[-2:] else F.adaptive_avg_pool2d(frame.pixels, flat.shape[-2:])
+    out = flat.clone()
     with torch.no_grad():
-        out = torch.cat([refiner(flat[s:s+chunk].to(frame.pixels.dtype), frame.pixels) for s in range(0, len(flat), chunk)])
-    return out.reshape(logits.shape).to(logits.dtype)
+        for s in range(0, len(flat), chunk):
+            part = flat[s:s+chunk]
+            (wh, ww), origin = mask_windows(part)
+            at = origin.tolist()
+            win = refiner(torch.stack([part[n, y:y+wh, x:x+ww] for n, (y, x) in enumerate(at)])[:, None].to(pixels.dtype),
+                          torch.stack([pixels[0, :, y:y+wh, x:x+ww] for y, x in at]))[:, 0].to(out.dtype)
+            for n, (y, x) in enumerate(at): out[s + n, y:y+wh, x:x+ww] = win[n]
+    return out.reshape(logits.shape)
 
 def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None) -> np.ndarray:
     "Prompted masks `(N,H,W)` after the instance head's two rules: lone `clicks` `(N,2)` snap to the agreeing instance (`snaps_clicks`), then every mask is trimmed to the foreground (`trims_masks`)."

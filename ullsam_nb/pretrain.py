@@ -442,6 +442,16 @@ def _validation(runs:dict) -> dict:
         if runs[kind] is not None: val.update({k: round(v, 3) for k, v in runs[kind]["val"].items()})
     return val
 
+def _tolerance(record:dict) -> str:
+    "What is known of how closely the last run reproduces: its rerun's validation (`publish(rerun=...)`) against its own."
+    rerun = record.get("rerun")
+    if not rerun: return "The tolerance is not yet measured."
+    val, again = record["val"], rerun["val"]
+    gap = max(abs(again[k] - val[k]) for k in val if k in again)
+    show = lambda v: ", ".join(f"{k} {x:.3f}" for k, x in v.items())
+    return (f"Measured for the last run only: run again by the same command from the same folder, its validation came out at "
+            f"{show(again)} against {show(val)} (largest difference {gap:.3f}); the earlier runs have not been rerun.")
+
 def _card(record:dict, quality:dict|None) -> str:
     runs = run_chain(record)                      # the SAM, then the runs that trained only a part on it, frozen
     cfg, head, refine = runs["pretrain"]["config"], runs["head"], runs["refine"]
@@ -456,7 +466,7 @@ def _card(record:dict, quality:dict|None) -> str:
              f"({record.get('parameters', 0)/1e6:.2f} M parameters). Trained from scratch by `ullsam pretrain`.", "",
              "## Reproduce", "", "```sh", *_commands(runs),
              "```", "", f"One run{' of each' if n_runs > 1 else ''} so far. The data, prompts and initial weights are seeded; CPU float sums are not bit-reproducible "
-             "across thread schedules, so a rerun is expected near, not at, the figures below (the tolerance is not yet measured).", "",
+             "across thread schedules, so a rerun is expected near, not at, the figures below. " + _tolerance(record), "",
              "## Training", "",
              f"- {cfg['steps']} optimizer steps × {cfg['batch_size']} images, AdamW lr {cfg['lr']} (warm-up {cfg['warmup']:.0%}, cosine to "
              f"{cfg['min_lr_ratio']:.0%}), weight decay {cfg['weight_decay']}, clip {cfg['clip']}, {cfg['precision']} autocast, seed {cfg['seed']}.",
@@ -489,12 +499,13 @@ def _card(record:dict, quality:dict|None) -> str:
               "- Real-data licences: see `shared/data/real/README.md` (BBBC039 CC0, S-BIAD634 CC0, Usiigaci MIT, AxonDeepSeg MIT, CEM500K BSD-3, DSB2018 CC0)."]
     return "\n".join(lines) + "\n"
 
-def publish(run, quality=None, name:str="small", dest=None) -> Path:
-    "Copy a pretraining run folder into the package (or `dest`) as the shipped weights of registry model `name`, with record and model card."
+def publish(run, quality=None, name:str="small", dest=None, rerun=None) -> Path:
+    "Copy a pretraining run folder into the package (or `dest`) as the shipped weights of registry model `name`, with record and model card; `rerun`: the same run made again, whose validation states the tolerance."
     import platform, shutil
     from ullsam_nb.sam import weights_dir, PRETRAINED, load_model, save_model
     run = Path(run)
     record = load_json(run/"pretrain.json")
+    if rerun: record["rerun"] = {k: load_json(Path(rerun)/"pretrain.json")[k] for k in ("val", "wall_s")}
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None

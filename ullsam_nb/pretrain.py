@@ -26,9 +26,10 @@ from .train_parts import TrainConfig
 from .evaluate import corrective_point, evaluate_models
 
 # %% auto #0
-__all__ = ['REFINE_LR', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs', 'real_crop', 'augment',
-           'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious', 'instance_loss', 'decoded_crops',
-           'RefinePool', 'PretrainTask', 'train_config', 'pretrain_sam', 'pretrain_cmd', 'run_chain', 'publish']
+__all__ = ['REFINE_LR', 'REFINE_REAL_FRACTION', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs',
+           'real_crop', 'augment', 'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious',
+           'instance_loss', 'decoded_crops', 'RefinePool', 'PretrainTask', 'train_config', 'pretrain_sam',
+           'pretrain_cmd', 'run_chain', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -62,6 +63,7 @@ class PretrainConfig:
     refine_crop: int = 56               # a refine run's loss window around each object, in mask-grid pixels
 
 REFINE_LR = 2e-3       # the learning rate of a refine run (`refine_on`): the small refiner, starting at zero, learns faster than SAM
+REFINE_REAL_FRACTION = 0.5    # a refine run's share of real crops: real outlines are what the synthetic world teaches least
 
 # %% ../nbs/15a_pretrain.ipynb #c1ce3a0f
 def synthetic_sample(seed:int, size:int=256, size_range=(0.6, 2.2)) -> tuple:
@@ -382,7 +384,8 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
     if threads: torch.set_num_threads(int(threads))
     use_real = real.lower() != "none"
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "", click_object=click_object,
-                         real_fraction=PretrainConfig.real_fraction if use_real else 0.0, head_on=head_on, refine_on=refine_on,
+                         real_fraction=(REFINE_REAL_FRACTION if refine_on else PretrainConfig.real_fraction) if use_real else 0.0,
+                         head_on=head_on, refine_on=refine_on,
                          lr=lr or (REFINE_LR if refine_on else PretrainConfig.lr))
     if head_on and refine_on: raise InputError("give --head-on or --refine-on, not both")
     task = PretrainTask(cfg, real_pairs=None if use_real else [])
@@ -430,7 +433,8 @@ def _head_line(run:dict, trims:bool) -> str:
 def _refine_line(run:dict) -> str:
     c = run["config"]
     return (f"- Then the outline refiner alone (`--refine-on`): a fresh `MaskRefiner` ({c['refiner_width']} channels) on the frozen SAM and head, "
-            f"trained on {c['refine_pool']} images of the same data decoded once (≤ {c['max_instances']} objects each, the same prompt mix), "
+            f"trained on {c['refine_pool']} images decoded once ({c['real_fraction']:.0%} crops of the real pairs' left halves, the rest synthetic; "
+            f"≤ {c['max_instances']} objects each, the same prompt mix), "
             f"loss in a {c['refine_crop']}² window of the mask grid around each object; {c['steps']} steps × {c['batch_size']} images, lr {c['lr']}, "
             f"seed {c['seed']}, {run['wall_s']/60:.1f} min. Every prompted mask's logits are redrawn by it before upsampling "
             "(`segmenter.refine_logits`); it takes the place of the trim to the head's foreground.")

@@ -28,8 +28,8 @@ from .evaluate import corrective_point, evaluate_models
 # %% auto #0
 __all__ = ['REFINE_LR', 'REFINE_REAL_FRACTION', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs',
            'real_crop', 'augment', 'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious',
-           'instance_loss', 'decoded_crops', 'RefinePool', 'PretrainTask', 'train_config', 'pretrain_sam',
-           'pretrain_cmd', 'run_chain', 'publish']
+           'prompted_objects', 'instance_loss', 'decoded_crops', 'RefinePool', 'PretrainTask', 'train_config',
+           'pretrain_sam', 'pretrain_cmd', 'run_chain', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -181,6 +181,20 @@ def mask_ious(logits:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
     p, t = logits > 0, (target > 0.5)[:, None]
     return (p & t).sum((-1, -2)).float() / (p | t).sum((-1, -2)).float().clamp(min=1)
 
+# %% ../nbs/15a_pretrain.ipynb #09370e36
+def prompted_objects(labels:np.ndarray, rng:np.random.Generator, max_instances:int, scale:int, outside_weight:float=0.1):
+    "Up to `max_instances` objects of `labels` and their prompts (`mixed_prompt_sampler`): `ids`, `prompt`, `gt` `(N,H,W)`, `boxes`, and `target`, `weight` on a grid `scale` times smaller; None without objects."
+    slices = instance_slices(labels)
+    ids = np.array([i for i, (r, c) in slices.items() if (labels[r, c] == i).sum() >= 12], np.int64)
+    if len(ids) == 0: return None
+    ids = rng.choice(ids, min(max_instances, len(ids)), replace=False)
+    prompt = mixed_prompt_sampler(labels, ids, rng, slices=slices)
+    gt = labels[None] == ids[:, None, None]
+    boxes = boxes_from_labels(labels, ids, slices=slices)
+    target = F.avg_pool2d(torch.from_numpy(gt.astype(np.float32))[:, None], scale)[:, 0]
+    return SimpleNamespace(ids=ids, prompt=prompt, gt=gt, boxes=boxes, target=target,
+                           weight=roi_weights(boxes, target.shape[-2:], scale, outside_weight))
+
 # %% ../nbs/15a_pretrain.ipynb #9998c5bd
 def instance_loss(logits:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
     "Instance-head loss: foreground BCE + soft Dice, plus boundary-distance BCE; `(B,2,h,w)` logits and targets."
@@ -194,20 +208,16 @@ def instance_loss(logits:torch.Tensor, targets:torch.Tensor) -> torch.Tensor:
 def decoded_crops(model, item:dict, rng:np.random.Generator, max_instances:int=6, crop:int=56, outside_weight:float=0.1,
                   border:int=5) -> dict|None:
     "One image's prompted objects as a refine run trains on them: the frozen decoder's best logits, the truth and BCE weights in a `crop`² window of the mask grid around each object, padded to `max_instances` (`valid`); None without objects."
-    labels = item["labels"].numpy(); slices = instance_slices(labels)
-    ids = np.array([i for i, (r, c) in slices.items() if (labels[r, c] == i).sum() >= 12], np.int64)
-    if len(ids) == 0: return None
-    ids = rng.choice(ids, min(max_instances, len(ids)), replace=False)
-    p = mixed_prompt_sampler(labels, ids, rng, slices=slices)
-    tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt)
     x = item["image"][None]
+    scale = x.shape[-1] // model.prompt_encoder.mask_input_size[-1]
+    po = prompted_objects(item["labels"].numpy(), rng, max_instances, scale, outside_weight)
+    if po is None: return None
+    ids, p, boxes, target, weight = po.ids, po.prompt, po.boxes, po.target, po.weight
+    tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt)
     low, iou = decode_prompts(model, model.image_encoder(x), tens(p.points), tens(p.point_labels, torch.int64), tens(p.boxes),
                               multimask=lone_click_masks(model) if p.kind == "point" else False)
     low = best_mask(low.float(), iou.float())[0][:, 0]            # (N,g,g): the mask a user gets
-    g = low.shape[-1]; scale = x.shape[-1] // g; C = min(crop, g)
-    target = F.avg_pool2d(torch.from_numpy((labels[None] == ids[:, None, None]).astype(np.float32))[:, None], scale)[:, 0]
-    boxes = boxes_from_labels(labels, ids, slices=slices)
-    weight = roi_weights(boxes, (g, g), scale, outside_weight)
+    g = low.shape[-1]; C = min(crop, g)
     origin = np.clip((boxes.reshape(-1, 2, 2).mean(1)[:, ::-1] / scale).astype(int) - C // 2, 0, g - C)    # (N,2) row, column
     window = lambda a: torch.stack([a[n, y:y+C, x_:x_+C] for n, (y, x_) in enumerate(origin)])
     w = window(weight).clone()
@@ -277,16 +287,10 @@ class PretrainTask:
         save_model(self.model, folder, "sam")
 
     def _image_loss(self, emb:torch.Tensor, labels:np.ndarray, rng:np.random.Generator) -> tuple:
-        slices = instance_slices(labels)
-        ids = np.array([i for i, (r, c) in slices.items() if (labels[r, c] == i).sum() >= 12], np.int64)
-        if len(ids) == 0: return None
-        ids = rng.choice(ids, min(self.cfg.max_instances, len(ids)), replace=False)
-        p = mixed_prompt_sampler(labels, ids, rng, slices=slices)
-        dev = emb.device
-        gt = labels[None] == ids[:, None, None]
-        target = F.avg_pool2d(torch.from_numpy(gt.astype(np.float32))[:, None], self.size // self.grid)[:, 0].to(dev)
-        weight = roi_weights(boxes_from_labels(labels, ids, slices=slices), target.shape[-2:], self.size / self.grid,
-                             self.cfg.outside_weight).to(dev)
+        po = prompted_objects(labels, rng, self.cfg.max_instances, self.size // self.grid, self.cfg.outside_weight)
+        if po is None: return None
+        ids, p, gt, dev = po.ids, po.prompt, po.gt, emb.device
+        target, weight = po.target.to(dev), po.weight.to(dev)
         tens = lambda a, dt=torch.float32: None if a is None else torch.as_tensor(a, dtype=dt, device=dev)
         coords, plabels, boxes = tens(p.points), tens(p.point_labels, torch.int64), tens(p.boxes)
         lone = p.kind == "point"           # a lone click is ambiguous: SAM's three masks

@@ -118,8 +118,10 @@ def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> HeadFra
     sam, frame = seg.sam, HeadFrame()
     x = preprocess_for_sam(image, size=sam.image_encoder.img_size, mode=seg.preprocess)[0][None]
     if hasattr(sam, "instance_head"): frame.foreground, frame.distance = head_maps(sam, embedding, info, image, seg.preprocess, model_input=x)
-    if refines_masks(sam):
-        with torch.no_grad(): frame.pixels = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
+    if refines_masks(sam):                  # the refiner's features, once per frame, on the decoder's mask grid
+        with torch.no_grad(): px = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
+        grid = tuple(sam.prompt_encoder.mask_input_size)
+        frame.pixels = px if tuple(px.shape[-2:]) == grid else F.adaptive_avg_pool2d(px, grid)
     return frame
 
 REFINE_MARGIN = 8      # the refiner redraws a mask in a window: the extent of its positive logits plus this margin (mask-grid pixels)
@@ -143,8 +145,7 @@ def mask_windows(logits:torch.Tensor, margin:int=REFINE_MARGIN, multiple:int=8) 
 def refine_logits(seg, logits:torch.Tensor, frame:HeadFrame|None, chunk:int=32) -> torch.Tensor:
     "Low-resolution mask logits `(N,M,h,w)` redrawn by the model's outline refiner with the frame's pixel features, each in its window (`mask_windows`); as they were without one."
     if frame is None or frame.pixels is None or logits.numel() == 0: return logits
-    refiner, flat = seg.sam.mask_refiner, logits.flatten(0, 1)
-    pixels = frame.pixels if frame.pixels.shape[-2:] == flat.shape[-2:] else F.adaptive_avg_pool2d(frame.pixels, flat.shape[-2:])
+    refiner, flat, pixels = seg.sam.mask_refiner, logits.flatten(0, 1), frame.pixels      # pixels: on the mask grid (`head_frame`)
     out = flat.clone()
     with torch.no_grad():
         for s in range(0, len(flat), chunk):

@@ -60,3 +60,15 @@ def test_missing_keys_named(vit_b_random, tmp_path):
     with pytest.raises(CheckpointMismatchError) as e: load_checkpoint(model, tmp_path/"broken.pt")
     msg = str(e.value)
     assert "broken.pt" in msg and "missing keys: mask_decoder.iou_prediction_head" in msg and "prompt_encoder.not_a_weight" in msg
+
+def test_shipped_weights_resave_bit_identical(tmp_path):
+    "The shipped weights, saved again in two fresh processes, are the very file the registry's sha256 names (safetensors orders metadata at random)."
+    import json, subprocess, sys
+    from ullsam_nb.basics import hash_file
+    from ullsam_nb.sam import weights_dir
+    code = ("import sys; from pathlib import Path; from ullsam_nb.sam import load_model, save_model; m = load_model(sys.argv[1]); "
+            "[save_model(m, Path(sys.argv[2])/str(k), 'sam_small') for k in range(8)]")
+    shipped = weights_dir()/"sam_small.safetensors"
+    want = json.loads((weights_dir()/"sam_small.json").read_text())["sha256"]
+    subprocess.run([sys.executable, "-c", code, str(shipped), str(tmp_path)], check=True, capture_output=True)
+    assert {hash_file(tmp_path/str(k)/"sam_small.safetensors") for k in range(8)} == {want}

@@ -10,8 +10,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['CACHE_ENV', 'ToolError', 'InputError', 'cache_root', 'cache_dir', 'default_device', 'seed_everything', 'hash_bytes',
-           'hash_file', 'hash_array', 'hash_state_dict', 'hash_json', 'WriteError', 'atomic_write', 'atomic_path',
-           'save_json', 'load_json', 'atomic_folder', 'read_jsonl', 'write_jsonl', 'append_jsonl',
+           'hash_file', 'hash_array', 'hash_state_dict', 'hash_json', 'sorted_metadata', 'WriteError', 'atomic_write',
+           'atomic_path', 'save_json', 'load_json', 'atomic_folder', 'read_jsonl', 'write_jsonl', 'append_jsonl',
            'read_jsonl_tolerant', 'repair_jsonl_tail', 'output_folder', 'output_file', 'progress', 'markdown_table',
            'torch_threads', 'shared_data_dir']
 
@@ -91,6 +91,18 @@ def hash_state_dict(sd, n:int=16) -> str:
 def hash_json(obj, n:int=16) -> str:
     "Content hash of a JSON-serialisable object (keys sorted), for settings that belong in a cache key."
     return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode(), n)
+
+# %% ../nbs/00_basics.ipynb #3940870c
+def sorted_metadata(raw:bytes) -> bytes:
+    "safetensors file bytes with the header's `__metadata__` keys in sorted order (the tensors untouched), so equal content gives equal bytes."
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.get("__metadata__")
+    if not meta or list(meta) == sorted(meta): return raw
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(raw[8:8 + n].rstrip(b" ")): raise ValueError("unexpected safetensors header layout")
+    return raw[:8] + text.ljust(n) + raw[8 + n:]
 
 # %% ../nbs/00_basics.ipynb #d9a0e460
 class WriteError(ToolError):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .basics import InputError, atomic_path, load_json, hash_json, hash_state_dict
+from .basics import InputError, atomic_path, load_json, hash_json, hash_state_dict, sorted_metadata
 from .io import preprocess_for_sam
 from .sam import build_sam, fit_heads
 from .embeddings import embed_image, embedding_cache_path
@@ -122,6 +122,7 @@ class ULLSAM(nn.Module):
         with atomic_path(folder/"model.safetensors") as p:
             save_model(self, str(p), metadata={"format": "ullsam_nb.model/1", "mode": self.config.mode,
                                                "lone_click": getattr(self.sam, "lone_click", "three")})
+            p.write_bytes(sorted_metadata(p.read_bytes()))        # same weights, same bytes (`basics.sorted_metadata`)
         self.config.to_json(folder/"config.json")
         return folder
 

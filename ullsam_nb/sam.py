@@ -12,7 +12,7 @@ from torch import nn
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam, ImageEncoderViT, PromptEncoder, MaskDecoder, TwoWayTransformer
 from .instance import InstanceHead, head_config, MaskRefiner, refiner_config
-from .basics import InputError, atomic_write, default_device, hash_file, hash_state_dict, save_json, load_json
+from .basics import InputError, atomic_write, default_device, hash_file, hash_state_dict, save_json, load_json, sorted_metadata
 
 # %% auto #0
 __all__ = ['TINY_CONFIG', 'SMALL_CONFIG', 'SAM_REGISTRY', 'PRETRAINED', 'sam_from_config', 'small_sam', 'weights_dir',
@@ -197,7 +197,7 @@ def save_model(model:Sam, dir, name:str="sam") -> Path:
     if arch not in SAM_REGISTRY: raise InputError(f"cannot save a model of unknown architecture {arch!r} (build it with build_sam)")
     weights = dir/f"{name}.safetensors"
     lone = getattr(model, "lone_click", "three")
-    with atomic_write(weights) as f: f.write(save(state, metadata={"architecture": arch, "lone_click": lone}))
+    with atomic_write(weights) as f: f.write(sorted_metadata(save(state, metadata={"architecture": arch, "lone_click": lone})))   # same weights, same bytes
     save_json({"architecture": arch, "lone_click": lone, "weights": weights.name, "weights_hash": hash_state_dict(state),
                "sha256": hash_file(weights), "format": "ullsam_nb.sam/1"}, dir/f"{name}.json")
     return weights

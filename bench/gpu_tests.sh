@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of issue 17 in ONE device call of at most 8 minutes (H100/H200, no network there).
+# Every GPU check and benchmark of issue 17 in ONE device call of at most 9 minutes (H100/H200, no network there).
 #
 #   bash bench/gpu_tests.sh --prepare      here, once: copy the pure-Python packages the GPU image lacks (segment-anything,
 #                                          nbdev and its dependencies) from .venv into .whl/site/ (git-ignored)
@@ -10,6 +10,8 @@
 #   cuda      (75)  nbdev_test --flags cuda on nbs/07_encoder.ipynb: ViT-B fast paths vs the reference (fp32, bf16,
 #                   gradients), and every mode (baseline, ullsam, frozen_vlk) trains two steps and evaluates with the
 #                   fast encoder
+#   pretrain  (45)  nbdev_test --flags cuda on nbs/15a_pretrain.ipynb: a pretraining, a head and a refine run (two steps
+#                   each) train, validate and save on the GPU
 #   encoder_b (120) bench/sam_encoder.py: ViT-B 1024^2 bf16 batch 8, forward and forward+backward, the reference and
 #                   every variant in one process (ratios to the reference, % of the measured bf16 peak)
 #   encoder_lh (75) the same for ViT-L and ViT-H, reference and augment (the CUDA `auto` path)
@@ -72,6 +74,7 @@ stage() {   # stage NAME GPU_CAP_SECONDS JSON_OR_- COMMAND...
 
 if [ $SMOKE = 1 ]; then
   stage cuda 75 - $PY -c 'import sys; from nbdev.test import nbdev_test; nbdev_test(path=sys.argv[1])' nbs/07_encoder.ipynb
+  stage pretrain 45 - $PY -c 'import sys; from nbdev.test import nbdev_test; nbdev_test(path=sys.argv[1])' nbs/15a_pretrain.ipynb
   stage encoder_b 120 "$OUT/sam_encoder_b.json" $PY bench/sam_encoder.py --quick --batch 2 --precision fp32 \
     --variants sam,mask,augment --iters 2 --warmup 1 --out "$OUT/sam_encoder_b.json"
   stage encoder_lh 75 "$OUT/sam_encoder_lh.json" $PY bench/sam_encoder.py --quick --models tiny --img-size 128 --batch 1 \
@@ -80,6 +83,7 @@ if [ $SMOKE = 1 ]; then
   stage vlk 40 "$OUT/vlk.json" $PY bench/vlk.py --quick --images 4 --batch 2 --out "$OUT/vlk.json"
 else
   stage cuda 75 - $PY -c 'import sys; from nbdev.test import nbdev_test; nbdev_test(path=sys.argv[1], flags="cuda")' nbs/07_encoder.ipynb
+  stage pretrain 45 - $PY -c 'import sys; from nbdev.test import nbdev_test; nbdev_test(path=sys.argv[1], flags="cuda")' nbs/15a_pretrain.ipynb
   stage encoder_b 120 "$OUT/sam_encoder_b.json" $PY bench/sam_encoder.py --models vit_b --batch 8 --precision bf16 \
     --mode fwd,fwdbwd --variants sam,mask,augment,flex,compiled --warmup 3 --iters 10 --out "$OUT/sam_encoder_b.json"
   stage encoder_lh 75 "$OUT/sam_encoder_lh.json" $PY bench/sam_encoder.py --models vit_l,vit_h --batch 8 --precision bf16 \

@@ -56,3 +56,15 @@ def test_evaluate_scores_the_floors_beside_the_predictions(tmp_path):
     assert all(f in r.stdout for f in ("floor:box", "floor:otsu_box", "floor:watershed_click", "floor:otsu_watershed"))
     r = run(*args, "--prompts", "lasso")
     assert r.returncode == 2 and "unknown prompt type 'lasso'" in r.stderr
+
+def test_pretrain_runs_on_the_named_device_and_records_it(tmp_path):
+    "`ullsam pretrain --device cpu` trains, saves and says where it ran; a device this machine lacks is one line, exit 2."
+    import json, torch
+    r = run("pretrain", "--out", str(tmp_path/"run"), "--steps", "2", "--batch-size", "2", "--real", "none", "--device", "cpu", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path/"run"/"pretrain.json").read_text())["device"] == "cpu"
+    assert (tmp_path/"run"/"sam.safetensors").exists()
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    r = run("pretrain", "--out", str(tmp_path/"gpu"), "--steps", "2", "--real", "none", "--device", missing)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and f"device '{missing}' is not here" in r.stderr, r.stderr
+    assert not (tmp_path/"gpu"/"pretrain.json").exists()

@@ -305,7 +305,7 @@ def test_gpu_tests_script_cpu_smoke(tmp_path):
                        capture_output=True, text=True, timeout=900)
     summary = json.loads((tmp_path/"gpu_tests.json").read_text())
     assert r.returncode == 0 and summary["passed"], r.stdout[-3000:] + r.stderr[-3000:]
-    assert set(summary["stages"]) == {"cuda", "encoder_b", "encoder_lh", "train_step", "vlk"}
+    assert set(summary["stages"]) == {"cuda", "pretrain", "encoder_b", "encoder_lh", "train_step", "vlk"}
     ts = summary["stages"]["train_step"]["result"]
     assert all(row["tflop_per_step"] > 0 for row in ts["rows"])
     assert len(list(tmp_path.iterdir())) <= 8                       # what the device tool brings back

@@ -43,13 +43,25 @@ def cache_dir(*parts:str, create:bool=True) -> Path:
 
 # %% ../nbs/00_basics.ipynb #731d8608
 def default_device(device=None):
-    "A `torch.device`: `device` if given, else `$ULLSAM_DEVICE`, else cuda > mps > cpu."
+    "A `torch.device`: `device` if given, else `$ULLSAM_DEVICE`, else cuda > mps > cpu; a named device this machine lacks is an `InputError`."
     import torch
     device = device or os.environ.get("ULLSAM_DEVICE")
-    if device: return torch.device(device)
+    if device: return _present(device)
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
+
+def _present(device):
+    "`device` as a `torch.device`, checked to exist here (a one-line error instead of a driver traceback deep in a run)."
+    import torch
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise InputError(f"unknown device {str(device)!r} ({e}); use cpu, cuda, cuda:N or mps") from None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise InputError(f"device {str(device)!r} is not here ({n} CUDA GPU(s) found); use cpu, or leave the device unset to take what there is")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise InputError(f"device {str(device)!r} is not here (no Apple GPU); use cpu, or leave the device unset")
+    return dev
 
 def seed_everything(seed:int=42):
     "Seed Python's `random`, NumPy and torch (CPU and every GPU); returns the seed."

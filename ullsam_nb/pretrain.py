@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .basics import InputError, save_json, load_json, shared_data_dir, hash_file, progress
+from .basics import InputError, save_json, load_json, shared_data_dir, hash_file, progress, default_device
 from .io import read_image, read_labels, image_to_unit, list_images, mask_path_for, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .synth import synth_sample, DOMAINS, DOMAIN_RANGES
 from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
@@ -315,6 +315,7 @@ class PretrainTask:
     def _refine_step(self, batch:dict) -> dict:
         "A refine run's loss: the refiner's masks in each object's window (`decoded_crops`) against the truth."
         refiner, C = self.model.mask_refiner, self.cfg.refine_crop
+        batch = {k: v.to(self.device) for k, v in batch.items()}        # the pool is decoded on the CPU; the loop may run on a GPU
         feats = refiner.features(batch["image"].float())
         windows = torch.stack([feats[b, :, y:y+C, x:x+C] for b in range(len(feats)) for y, x in batch["origin"][b].tolist()])
         out = refiner(batch["logits"].flatten(0, 1)[:, None].float(), windows).float()
@@ -345,21 +346,26 @@ class PretrainTask:
         return dict(mSA=float(means["box"]), point_mSA=float(means["point"]), **({"auto_mSA": float(means["auto"])} if "auto" in protocols else {}))
 
 # %% ../nbs/15a_pretrain.ipynb #d3d5852b
-def train_config(cfg:PretrainConfig):
-    "The shared loop's `TrainConfig` for a pretraining recipe: a budget of `steps` optimizer steps (the loop plans the epochs)."
-    return TrainConfig(task="pretrain", steps=cfg.steps, batch_size=cfg.batch_size,
+def _device_name(device:torch.device) -> str:
+    "What a run record says it ran on: `cpu`, or the GPU's name."
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+def train_config(cfg:PretrainConfig, device:str=""):
+    "The shared loop's `TrainConfig` for a pretraining recipe: a budget of `steps` optimizer steps (the loop plans the epochs) on `device` (empty: a GPU when there is one)."
+    return TrainConfig(task="pretrain", steps=cfg.steps, device=device, batch_size=cfg.batch_size,
                        lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio, clip=cfg.clip,
                        precision=cfg.precision, seed=cfg.seed, monitor="auto_mSA" if cfg.head_on else "mSA",
                        keep_epoch_checkpoints=False, log_every=5)
 
-def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=None) -> dict:
-    "Pretrain a generalist SAM by `cfg` into folder `out` through the shared `Trainer`; returns the loop's result with `wall_s`."
+def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=None, device:str="") -> dict:
+    "Pretrain a generalist SAM by `cfg` into folder `out` through the shared `Trainer` on `device` (empty: a GPU when there is one); returns the loop's result with `wall_s`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     task = task or PretrainTask(cfg)
     record = out/"pretrain.json"
     wall0 = load_json(record).get("wall_s", 0.0) if (resume and record.exists()) else 0.0
     t0 = time.time()
-    result = Trainer(task, train_config(cfg), out=out, quiet=quiet).fit(resume=resume)
+    trainer = Trainer(task, train_config(cfg, device), out=out, quiet=quiet)
+    result = trainer.fit(resume=resume)
     wall = wall0 + time.time() - t0
     task.model.eval()
     with torch.no_grad(): result["val"] = task.validate()      # the final model, whatever step the last epoch ended at
@@ -368,7 +374,7 @@ def pretrain_sam(cfg:PretrainConfig, out, task=None, resume:bool=False, quiet=No
     extra = dict(base=load_json(base/"pretrain.json")) if base is not None and (base/"pretrain.json").exists() else {}
     save_json(dict(config=asdict(cfg), status=result["status"], step=result["step"], val=result["val"], best=result["best"],
                    wall_s=round(wall, 1), real_pairs=[f"{p.domain}/{p.name}" for p in task.real],
-                   torch_threads=torch.get_num_threads(), **extra), record)
+                   torch_threads=torch.get_num_threads(), device=_device_name(trainer.device), **extra), record)
     return dict(result, wall_s=wall, folder=str(out))
 
 # %% ../nbs/15a_pretrain.ipynb #fea5552e
@@ -383,9 +389,11 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
                  head_on:str="", # a finished run folder (or .safetensors): train only a fresh automatic-mode head (pixel path) on its frozen SAM
                  refine_on:str="", # a finished run folder (or .safetensors): train only a fresh outline refiner on its frozen SAM
                  lr:float=0.0, # learning rate (0: the recipe's, 6e-4; 2e-3 for a refine run)
+                 device:str="", # cpu, cuda, cuda:1, ... (empty: a GPU when there is one, else the CPU)
                 ) -> int:
     "Pretrain the toolkit's own generalist SAM (the shipped `small` model) on synthetic and real microscopy."
     if threads: torch.set_num_threads(int(threads))
+    if device: default_device(device)           # a device this machine lacks: one line now, not a traceback after the data is read
     use_real = real.lower() != "none"
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, seed=seed, real_dir=real if use_real else "", click_object=click_object,
                          real_fraction=(REFINE_REAL_FRACTION if refine_on else PretrainConfig.real_fraction) if use_real else 0.0,
@@ -396,7 +404,7 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
     what = (f"the instance head on the frozen SAM of {head_on}" if head_on else f"the outline refiner on the frozen SAM of {refine_on}" if refine_on
             else cfg.architecture)
     print(f"pretraining {what} for {steps} steps x {batch_size} images; real pairs (left halves): {len(task.real)}")
-    res = pretrain_sam(cfg, out, task=task, resume=resume)
+    res = pretrain_sam(cfg, out, task=task, resume=resume, device=device)
     print(f"{res['status']} at step {res['step']} in {res['wall_s']/60:.1f} min; last validation {res['val']} -> {out}")
     return 0
 

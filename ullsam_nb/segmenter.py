@@ -113,11 +113,11 @@ class HeadFrame:
     @cached_property
     def instances(self) -> np.ndarray: return instances_from_maps(self.foreground, self.distance)
 
-def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image) -> HeadFrame:
-    "The `HeadFrame` of one frame from its embedding (`head_maps`, `MaskRefiner.features`): computed once, it serves every prompt of the frame."
+def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image, heads:bool=True) -> HeadFrame:
+    "The `HeadFrame` of one frame from its embedding (`head_maps`, `MaskRefiner.features`): computed once, it serves every prompt of the frame; `heads=False`: the refiner's features only."
     sam, frame = seg.sam, HeadFrame()
     x = preprocess_for_sam(image, size=sam.image_encoder.img_size, mode=seg.preprocess)[0][None]
-    if hasattr(sam, "instance_head"): frame.foreground, frame.distance = head_maps(sam, embedding, info, image, seg.preprocess, model_input=x)
+    if heads and hasattr(sam, "instance_head"): frame.foreground, frame.distance = head_maps(sam, embedding, info, image, seg.preprocess, model_input=x)
     if refines_masks(sam):                  # the refiner's features, once per frame, on the decoder's mask grid
         with torch.no_grad(): px = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
         grid = tuple(sam.prompt_encoder.mask_input_size)
@@ -290,17 +290,18 @@ class CachedPredictor(SamPredictor):
         if full is not None and tuple(image.shape[:2]) == tuple(full.shape[:2]): image = full
         self.reset_image()
         self.features, info, self.dense = self.segmenter.prepare_image(image, cache=self.cache)
+        self.frame = head_frame(self.segmenter, self.features, info, image, heads=False) if refines_masks(self.segmenter) else None
         self.transform.info = info
         self.original_size, self.input_size = tuple(info.original_size), tuple(info.input_size)
         self.is_image_set = True
 
     @torch.no_grad()
     def predict_torch(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output:bool=True, return_logits:bool=False):
-        "`SamPredictor.predict_torch` through the model's `decode`: its dense prompt and its own prompt encoding (e.g. `raster_prompts`) apply here too."
+        "`SamPredictor.predict_torch` through the model's `decode`: its dense prompt, its own prompt encoding (e.g. `raster_prompts`) and its outline refiner apply here too; the low-res logits returned are the decoder's, as a mask prompt takes them."
         if not self.is_image_set: raise RuntimeError("set an image first")
         low, iou = self.segmenter.decode(self.features, point_coords, point_labels, boxes, dense_prompt=self.dense, mask_input=mask_input,
                                          multimask=multimask_output)
-        masks = self.model.postprocess_masks(low, self.input_size, self.original_size)
+        masks = self.model.postprocess_masks(refine_logits(self.segmenter, low, self.frame), self.input_size, self.original_size)
         return (masks if return_logits else masks > self.model.mask_threshold), iou, low
 
 # %% ../nbs/08c_segmenter.ipynb #48d3cbe4

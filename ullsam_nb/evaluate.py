@@ -81,7 +81,7 @@ def _decode_steps(seg, emb, info, image, gt_masks, boxes, points, plabels, multi
         if mm: low, iou = best_mask(low, iou)
         if meets_head(seg): frame = frame or head_frame(seg, emb, info, image)     # the model's heads, as `segment_prompts` applies them
         masks = (masks_to_original(refine_logits(seg, low, frame)[:, 0], info) > seg.mask_threshold).cpu().numpy()
-        if frame is not None: masks = meet_head(seg, masks, frame, lone_clicks(boxes, points, plabels) if mm else None)
+        if frame is not None: masks = meet_head(seg, masks, frame, lone_clicks(boxes, points, plabels) if mm else None, points, plabels)
         yield masks, iou[:, 0].float().cpu().numpy(), points, plabels
         if it == steps - 1: break
         clicks = [corrective_point(m, g) or (0.0, 0.0, -1) for m, g in zip(masks, gt_masks)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.predictor import SamPredictor
@@ -24,9 +25,10 @@ from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 # %% auto #0
 __all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter',
            'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks',
-           'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'meet_head', 'segment_prompts',
-           'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor',
-           'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
+           'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'prompted_parts', 'meet_head',
+           'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels',
+           'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps',
+           'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -157,10 +159,30 @@ def refine_logits(seg, logits:torch.Tensor, frame:HeadFrame|None, chunk:int=32) 
             for n, (y, x) in enumerate(at): out[s + n, y:y+wh, x:x+ww] = win[n]
     return out.reshape(logits.shape)
 
-def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None) -> np.ndarray:
-    "Prompted masks `(N,H,W)` after the instance head's two rules: lone `clicks` `(N,2)` snap to the agreeing instance (`snaps_clicks`), then every mask is trimmed to the foreground (`trims_masks`)."
+def prompted_parts(masks:np.ndarray, points=None, point_labels=None) -> np.ndarray:
+    "Masks `(N,H,W)`, each cut to its connected parts that hold one of its positive clicks (`points` `(N,P,2)` x, y; labels 1), or to its largest part where none does or there are no clicks."
+    out = np.array(masks, bool)
+    N, H, W = out.shape
+    pts = None if points is None else np.asarray(points, np.float32).reshape(N, -1, 2)
+    lab = None if pts is None else (np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels).reshape(N, -1))
+    for n in range(N):
+        rows, cols = np.flatnonzero(out[n].any(1)), np.flatnonzero(out[n].any(0))
+        if len(rows) == 0: continue
+        r0, c0 = rows[0], cols[0]
+        parts, k = ndi.label(out[n, r0:rows[-1] + 1, c0:cols[-1] + 1])      # within the mask's bounding box: cheap on large frames
+        if k <= 1: continue
+        keep = {parts[int(round(float(y))) - r0, int(round(float(x))) - c0] for (x, y), l in zip(pts[n], lab[n])
+                if l == 1 and 0 <= int(round(float(y))) - r0 < parts.shape[0] and 0 <= int(round(float(x))) - c0 < parts.shape[1]} if pts is not None else set()
+        keep.discard(0)
+        if not keep: keep = {int(np.bincount(parts.ravel())[1:].argmax()) + 1}
+        out[n, r0:rows[-1] + 1, c0:cols[-1] + 1] = np.isin(parts, list(keep))
+    return out
+
+def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None, points=None, point_labels=None) -> np.ndarray:
+    "Prompted masks `(N,H,W)` after the toolkit's own models' rules: lone `clicks` `(N,2)` snap to the agreeing instance (`snaps_clicks`), every mask is trimmed to the foreground (`trims_masks`), then cut to its prompted parts (`prompted_parts`, with the prompts' `points` `(N,P,2)`)."
     if clicks is not None and snaps_clicks(seg): masks = snap_clicks(masks, clicks, frame.instances)
-    return trim_masks(masks, frame.foreground > TRIM_FOREGROUND) if trims_masks(seg) else np.asarray(masks, bool)
+    masks = trim_masks(masks, frame.foreground > TRIM_FOREGROUND) if trims_masks(seg) else np.asarray(masks, bool)
+    return prompted_parts(masks, points, point_labels)
 
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
 @torch.no_grad()
@@ -204,7 +226,9 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
     if not return_logits and frame is not None:       # the instance head's rules (`meet_head`) apply to masks, not logits
         clicks = lone_clicks(boxes, points, point_labels) if (multimask and best) else None
-        masks = torch.from_numpy(meet_head(seg, masks.reshape(-1, H, W).numpy(), frame, clicks)).reshape(masks.shape)
+        pts = None if points is None else np.repeat(np.asarray(points, np.float32).reshape(n, -1, 2), M, 0)       # one row per mask
+        lab = None if (points is None or point_labels is None) else np.repeat(np.asarray(point_labels).reshape(n, -1), M, 0)
+        masks = torch.from_numpy(meet_head(seg, masks.reshape(-1, H, W).numpy(), frame, clicks, pts, lab)).reshape(masks.shape)
     return masks, scores
 
 # %% ../nbs/08c_segmenter.ipynb #c8167b6e

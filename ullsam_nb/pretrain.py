@@ -13,7 +13,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .basics import InputError, save_json, load_json, shared_data_dir, hash_file, progress, default_device
+from .basics import InputError, save_json, load_json, shared_data_dir, hash_file, hash_state_dict, progress, default_device
 from .io import read_image, read_labels, image_to_unit, list_images, mask_path_for, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .synth import synth_sample, DOMAINS, DOMAIN_RANGES
 from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
@@ -29,7 +29,7 @@ from .evaluate import corrective_point, evaluate_models
 __all__ = ['REFINE_LR', 'REFINE_REAL_FRACTION', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs',
            'real_crop', 'augment', 'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious',
            'prompted_objects', 'instance_loss', 'decoded_crops', 'RefinePool', 'PretrainTask', 'train_config',
-           'pretrain_sam', 'pretrain_cmd', 'run_chain', 'publish']
+           'pretrain_sam', 'pretrain_cmd', 'run_chain', 'run_folders', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -459,14 +459,20 @@ def _validation(runs:dict) -> dict:
     return val
 
 def _tolerance(record:dict) -> str:
-    "What is known of how closely the last run reproduces: its rerun's validation (`publish(rerun=...)`) against its own."
-    rerun = record.get("rerun")
-    if not rerun: return "The tolerance is not yet measured."
-    val, again = record["val"], rerun["val"]
-    gap = max(abs(again[k] - val[k]) for k in val if k in again)
+    "What is known of how closely each run of the chain reproduces: its rerun's validation (`publish(reruns=...)`) against its own, and whether the weights came out the same."
+    runs, reruns = run_chain(record), record.get("reruns", {})
     show = lambda v: ", ".join(f"{k} {x:.3f}" for k, x in v.items())
-    return (f"Measured for the last run only: run again by the same command from the same folder, its validation came out at "
-            f"{show(again)} against {show(val)} (largest difference {gap:.3f}); the earlier runs have not been rerun.")
+    said, missing = [], []
+    for kind in ("pretrain", "head", "refine"):
+        if runs[kind] is None: continue
+        if kind not in reruns: missing.append(f"the {kind} run"); continue
+        val, again = runs[kind]["val"], reruns[kind]["val"]
+        gap = max(abs(again[k] - val[k]) for k in val if k in again)
+        same = {True: "; the weights came out bit for bit the same", False: "; the weights differ"}.get(reruns[kind].get("same_weights"), "")
+        said.append(f"the {kind} run, run again by the same command on the same folder: validation {show(again)} against {show(val)} "
+                    f"(largest difference {gap:.3f}){same}")
+    if not said: return "The tolerance is not yet measured."
+    return "Measured for " + "; and ".join(said) + "." + (f" Not rerun: {', '.join(missing)}." if missing else "")
 
 def _card(record:dict, quality:dict|None) -> str:
     runs = run_chain(record)                      # the SAM, then the runs that trained only a part on it, frozen
@@ -515,13 +521,33 @@ def _card(record:dict, quality:dict|None) -> str:
               "- Real-data licences: see `shared/data/real/README.md` (BBBC039 CC0, S-BIAD634 CC0, Usiigaci MIT, AxonDeepSeg MIT, CEM500K BSD-3, DSB2018 CC0)."]
     return "\n".join(lines) + "\n"
 
-def publish(run, quality=None, name:str="small", dest=None, rerun=None) -> Path:
-    "Copy a pretraining run folder into the package (or `dest`) as the shipped weights of registry model `name`, with record and model card; `rerun`: the same run made again, whose validation states the tolerance."
+def run_folders(run) -> dict:
+    "The folders of a run and of the runs it was trained on, by kind (`run_chain`'s): each run's config names the folder before it."
+    run, folders = Path(run), {}
+    record = load_json(run/"pretrain.json")
+    while record:
+        cfg = record["config"]
+        kind = "head" if cfg.get("head_on") else "refine" if cfg.get("refine_on") else "pretrain"
+        folders.setdefault(kind, run)
+        run, record = Path(cfg.get("head_on") or cfg.get("refine_on") or "."), record.get("base")
+        run = run.parent if run.suffix == ".safetensors" else run
+    return folders
+
+def _rerun_record(folder, again) -> dict:
+    "A rerun's validation and wall time, and whether its weights equal the original run's (`hash_state_dict`)."
+    from safetensors.torch import load_file
+    same = hash_state_dict(load_file(str(Path(folder)/"sam.safetensors"))) == hash_state_dict(load_file(str(Path(again)/"sam.safetensors")))
+    return dict(**{k: load_json(Path(again)/"pretrain.json")[k] for k in ("val", "wall_s")}, same_weights=same)
+
+def publish(run, quality=None, name:str="small", dest=None, rerun=None, reruns:dict|None=None) -> Path:
+    "Copy a pretraining run folder into the package (or `dest`) as the shipped weights of registry model `name`, with record and model card; `reruns`: `{kind: folder}` of runs of the chain made again (`rerun`: the last run's), whose validation and weights state the tolerance."
     import platform, shutil
     from ullsam_nb.sam import weights_dir, PRETRAINED, load_model, save_model
     run = Path(run)
     record = load_json(run/"pretrain.json")
-    if rerun: record["rerun"] = {k: load_json(Path(rerun)/"pretrain.json")[k] for k in ("val", "wall_s")}
+    folders, reruns = run_folders(run), dict(reruns or {})
+    if rerun: reruns[next(k for k in ("refine", "head", "pretrain") if k in folders)] = rerun
+    if reruns: record["reruns"] = {k: _rerun_record(folders[k], f) for k, f in reruns.items()}
     model = load_model(run/"sam.safetensors")
     stem = PRETRAINED[name]; dest = Path(dest) if dest else weights_dir(); dest.mkdir(parents=True, exist_ok=True)
     q = load_json(quality) if quality else None

@@ -29,7 +29,7 @@ from .evaluate import corrective_point, evaluate_models
 __all__ = ['REFINE_LR', 'REFINE_REAL_FRACTION', 'PretrainConfig', 'synthetic_sample', 'RealPair', 'split_half', 'read_real_pairs',
            'real_crop', 'augment', 'model_input', 'PretrainDataset', 'roi_weights', 'mask_loss', 'mask_ious',
            'prompted_objects', 'instance_loss', 'decoded_crops', 'RefinePool', 'PretrainTask', 'train_config',
-           'pretrain_sam', 'pretrain_cmd', 'run_chain', 'run_folders', 'publish']
+           'pretrain_sam', 'pretrain_cmd', 'run_kind', 'run_chain', 'run_folders', 'publish']
 
 # %% ../nbs/15a_pretrain.ipynb #f5eba403
 @dataclass
@@ -409,12 +409,15 @@ def pretrain_cmd(out:str="runs/pretrain", # output folder: sam.safetensors + sam
     return 0
 
 # %% ../nbs/15a_pretrain.ipynb #366334a7
+def run_kind(cfg:dict) -> str:
+    "A run's kind from its config: `head` (a `--head-on` run), `refine` (a `--refine-on` run) or `pretrain` (the SAM itself)."
+    return "head" if cfg.get("head_on") else "refine" if cfg.get("refine_on") else "pretrain"
+
 def run_chain(record:dict) -> dict:
-    "The runs behind a run record (`pretrain.json`), by kind: `pretrain` (the SAM), `head` (a `--head-on` run), `refine` (a `--refine-on` run); absent kinds are None."
+    "The runs behind a run record (`pretrain.json`), by kind (`run_kind`); absent kinds are None."
     runs = dict(pretrain=None, head=None, refine=None)
     while record:
-        cfg = record["config"]
-        kind = "head" if cfg.get("head_on") else "refine" if cfg.get("refine_on") else "pretrain"
+        kind = run_kind(record["config"])
         if runs[kind] is None: runs[kind] = record       # the newest run of a kind is the one the weights carry
         record = record.get("base")
     return runs
@@ -531,8 +534,7 @@ def run_folders(run) -> dict:
     record = load_json(run/"pretrain.json")
     while record:
         cfg = record["config"]
-        kind = "head" if cfg.get("head_on") else "refine" if cfg.get("refine_on") else "pretrain"
-        folders.setdefault(kind, run)
+        folders.setdefault(run_kind(cfg), run)
         run, record = Path(cfg.get("head_on") or cfg.get("refine_on") or "."), record.get("base")
         run = run.parent if run.suffix == ".safetensors" else run
     return folders

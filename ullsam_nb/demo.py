@@ -81,7 +81,7 @@ def demo_plan(out="demo_out",            # output folder of the run
                       real_max_side=S["real_max_side"], real_crop=S["real_crop"], seed=seed, real_dir=str(real) if real else "")
     world_spec = dict(folders={k: str(v) for k, v in world.items()}, in_domains=IN_DOMAINS, ood_domains=OOD_DOMAINS,
                       n_train=S["n_train"], n_test_in=S["n_test_in"], n_test_ood=S["n_test_ood"], size=S["world_size"])
-    return dict(out=str(out), preset=preset, quick=quick, size=size_key, seed=seed, device=str(default_device(device)),
+    return dict(out=str(out), preset=preset, quick=quick, size=size_key, seed=seed, device=str(torch.device(device)) if device else str(default_device()),
                 world=world_spec, stages=stages, models=DEMO_MODELS, evaluation=evaluation)
 
 # %% ../nbs/19_demo.ipynb #4784d00a

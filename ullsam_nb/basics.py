@@ -48,8 +48,12 @@ def default_device(device=None):
     device = device or os.environ.get("ULLSAM_DEVICE")
     if device: return _present(device)
     if torch.cuda.is_available(): return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
+    if _mps_available(): return torch.device("mps")
     return torch.device("cpu")
+
+def _mps_available() -> bool:
+    import torch
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 def _present(device):
     "`device` as a `torch.device`, checked to exist here (a one-line error instead of a driver traceback deep in a run)."
@@ -59,7 +63,7 @@ def _present(device):
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if dev.type == "cuda" and (dev.index or 0) >= n:
         raise InputError(f"device {str(device)!r} is not here ({n} CUDA GPU(s) found); use cpu, or leave the device unset to take what there is")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if dev.type == "mps" and not _mps_available():
         raise InputError(f"device {str(device)!r} is not here (no Apple GPU); use cpu, or leave the device unset")
     return dev
 

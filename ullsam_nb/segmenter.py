@@ -24,9 +24,9 @@ from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
 __all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter',
-           'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'snap_clicks',
-           'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'prompted_parts', 'meet_head',
-           'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels',
+           'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'click_pixel',
+           'snap_clicks', 'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'prompted_parts',
+           'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels',
            'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps',
            'automatic_segmentation']
 
@@ -87,12 +87,15 @@ def lone_clicks(boxes, points, point_labels) -> np.ndarray|None:
     lab = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels).reshape(pts.shape[:2])
     return pts[:, 0] if pts.shape[1] == 1 and (lab == 1).all() else None
 
+def click_pixel(x, y, shape) -> tuple:
+    "The `(row, column)` pixel of a click at `(x, y)` in a frame of `shape`, rounded and kept inside it."
+    return min(max(int(round(float(y))), 0), shape[0] - 1), min(max(int(round(float(x))), 0), shape[1] - 1)
+
 def snap_clicks(masks:np.ndarray, clicks:np.ndarray, instances:np.ndarray, min_iou:float=SNAP_IOU) -> np.ndarray:
     "Masks `(N,H,W)` of lone clicks `(N,2)` (x, y), each replaced by the instance under its click where their IoU >= `min_iou`."
     out = np.array(masks, bool)
-    H, W = instances.shape
     for n, (x, y) in enumerate(np.asarray(clicks, np.float32)):
-        i = instances[min(max(int(round(float(y))), 0), H - 1), min(max(int(round(float(x))), 0), W - 1)]
+        i = instances[click_pixel(x, y, instances.shape)]
         if i == 0: continue
         obj = instances == i
         union = (obj | out[n]).sum()
@@ -168,14 +171,13 @@ def prompted_parts(masks:np.ndarray, points=None, point_labels=None) -> np.ndarr
     for n in range(N):
         rows, cols = np.flatnonzero(out[n].any(1)), np.flatnonzero(out[n].any(0))
         if len(rows) == 0: continue
-        r0, c0 = rows[0], cols[0]
-        parts, k = ndi.label(out[n, r0:rows[-1] + 1, c0:cols[-1] + 1])      # within the mask's bounding box: cheap on large frames
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        parts, k = ndi.label(out[n][box])                  # within the mask's bounding box: cheap on large frames
         if k <= 1: continue
-        keep = {parts[int(round(float(y))) - r0, int(round(float(x))) - c0] for (x, y), l in zip(pts[n], lab[n])
-                if l == 1 and 0 <= int(round(float(y))) - r0 < parts.shape[0] and 0 <= int(round(float(x))) - c0 < parts.shape[1]} if pts is not None else set()
-        keep.discard(0)
+        clicked = [click_pixel(x, y, (H, W)) for (x, y), l in zip(pts[n], lab[n]) if l == 1] if pts is not None else []
+        keep = {parts[r - rows[0], c - cols[0]] for r, c in clicked if box[0].start <= r < box[0].stop and box[1].start <= c < box[1].stop} - {0}
         if not keep: keep = {int(np.bincount(parts.ravel())[1:].argmax()) + 1}
-        out[n, r0:rows[-1] + 1, c0:cols[-1] + 1] = np.isin(parts, list(keep))
+        out[n][box] = np.isin(parts, list(keep))
     return out
 
 def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None, points=None, point_labels=None) -> np.ndarray:

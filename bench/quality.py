@@ -8,8 +8,10 @@ segment under the click, Otsu + distance watershed), on
   - the real pairs in shared/data/real, per domain: the full images, and the right halves alone (pretraining only ever
     saw the left halves of these images: the right halves are the held-out part).
 Every ground-truth instance of an image is prompted (mSA, SA50, Dice; mean over images). Large images are segmented in
-tiles at native resolution. Speed: encoder seconds per 512x512 image (tiles included) and decoder milliseconds per
-prompt, beside segment-anything's own SamPredictor on the same model (the reference, same run).
+tiles at native resolution; images whose boxes say the objects are small are enlarged first (`segmenter.object_zoom`),
+and the same boxes at the native scale are scored too (`model:native`). Speed: encoder seconds per 512x512 image
+(tiles included; also at the largest zoom) and decoder milliseconds per prompt, beside segment-anything's own
+SamPredictor on the same model (the reference, same run).
 
     python bench/quality.py [--quick] [--checkpoint PATH] [--out bench/results/quality.json]
 """
@@ -47,14 +49,15 @@ def real_test(halves=("full", "right")):
 
 
 def score(model, samples, amg_side=0):
-    "Per-image rows of the model (auto = the instance head), the floors, and with `amg_side` SAM's grid generator too (`model:amg`)."
+    "Per-image rows of the model (auto = the instance head; boxes of small objects zoomed), the floors, the model's boxes at the native scale (`model:native`), and with `amg_side` SAM's grid generator too (`model:amg`)."
     import pandas as pd
     from ullsam_nb.evaluate import evaluate_models, evaluate_floors
     rows = []
     for s in samples:
         img, _ = evaluate_models({"model": model}, [s], protocols=PROTOCOLS, progress_bar=False)
         fl = evaluate_floors([s], protocols=PROTOCOLS)
-        parts = [img, fl]
+        native, _ = evaluate_models({"model:native": model}, [s], protocols=("box",), progress_bar=False, zoom=1)
+        parts = [img, fl, native]
         if amg_side:
             amg, _ = evaluate_models({"model:amg": model}, [s], protocols=("auto",), progress_bar=False,
                                      amg=dict(method="amg", points_per_side=amg_side, pred_iou_thresh=0.7, stability_score_thresh=0.8))
@@ -69,12 +72,15 @@ def speed(model, reps=3):
     from ullsam_nb.embeddings import embed_images
     from ullsam_nb.segmenter import segment_prompts, unit_uint8
     from ullsam_nb.segment import model_views
+    from ullsam_nb.tiling import MAX_ZOOM
     rng = np.random.default_rng(0)
     image = (rng.random((512, 512)) * 255).astype(np.uint8)
     views = model_views(model, image)
     t_enc = []
     for _ in range(reps):
         t = time.perf_counter(); embed_images(model, views, cache=False); t_enc.append(time.perf_counter() - t)
+    big = model_views(model, image, zoom=MAX_ZOOM)        # the same image when its objects are small enough for the largest zoom
+    t = time.perf_counter(); embed_images(model, big, cache=False); t_zoom = time.perf_counter() - t
     crop = unit_uint8(image)[:256, :256]
     emb = embed_images(model, [crop], cache=False)[0]
     boxes = np.array([[x, y, x + 20, y + 20] for x, y in rng.integers(0, 230, (32, 2))], np.float32)
@@ -88,7 +94,7 @@ def speed(model, reps=3):
         t = time.perf_counter()
         for b in boxes: pred.predict(box=b, multimask_output=False)
         t_ref.append((time.perf_counter() - t) / len(boxes))
-    return dict(tiles_per_512=len(views), encoder_s_per_512=min(t_enc), prompt_ms_batched=1000 * min(t_ours), click_ms_batched=1000 * min(t_click),
+    return dict(tiles_per_512=len(views), encoder_s_per_512=min(t_enc), encoder_s_per_512_at_max_zoom=t_zoom, tiles_per_512_at_max_zoom=len(big), prompt_ms_batched=1000 * min(t_ours), click_ms_batched=1000 * min(t_click),
                 prompt_ms_reference_samprediction=1000 * min(t_ref), ratio_reference_over_ours=min(t_ref) / min(t_ours),
                 threads=torch.get_num_threads())
 
@@ -127,9 +133,11 @@ def main():
     verdict = {}
     for (g, prot), sub in df.groupby(["group", "protocol"]):
         m = sub[sub.model == "model"]["mSA"].mean()
+        native = sub[sub.model == "model:native"]["mSA"]
         floors = sub[sub.model.str.startswith("floor:")].groupby("model")["mSA"].mean()
         verdict[f"{g} | {prot}"] = dict(model=round(float(m), 4), **{k: round(float(v), 4) for k, v in floors.items()},
                                         beats_floors=bool((m > floors).all()))
+        if len(native): verdict[f"{g} | {prot}"]["native_scale"] = round(float(native.mean()), 4)
         if sub.model.eq("model:amg").any(): verdict[f"{g} | {prot}"]["amg"] = round(float(sub[sub.model == "model:amg"]["mSA"].mean()), 4)
     print("\nmodel vs floors (mSA):")
     for k, v in verdict.items(): print(f"  {k:40s} {v}")

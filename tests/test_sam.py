@@ -64,10 +64,32 @@ def test_precompute_then_segment_skips_encoder(tmp_path, encoder_calls):
     files = list((tmp_path/"cache"/"embeddings"/"small").glob("*.safetensors"))
     assert len(files) == 2
     assert precompute_cmd(root/"images") == 0 and sum(encoder_calls) == 2          # already cached
-    assert segment_cmd(root/"images", tmp_path/"pred", gt=root/"masks") == 0
+    assert segment_cmd(root/"images", tmp_path/"pred", gt=root/"masks", zoom=False) == 0   # the native scale
     assert segment_cmd(root/"images", tmp_path/"pred_auto", prompts="auto", points_per_side=4) == 0
     assert sum(encoder_calls) == 2                                                # every embedding came from the cache
     assert precompute_cmd(root/"images", mode="ullsam") == 0 and sum(encoder_calls) == 4   # preprocessing is in the key
+    assert precompute_cmd(root/"images", diameter=14) == 0 and sum(encoder_calls) == 6     # the images enlarged for 14-px objects
+    assert segment_cmd(root/"images", tmp_path/"pred_14", gt=root/"masks", diameter=14) == 0 and sum(encoder_calls) == 6
+
+def test_boxes_of_small_objects_zoom_and_the_cli_agrees_with_the_benchmark(tmp_path):
+    "BBBC005-style nuclei (12 px): the boxes say the objects are small, the image is enlarged 2x, and the masks are better for it; `segment` and `evaluate_image` give the same label map."
+    from ullsam_nb.synth import synth_sample
+    from ullsam_nb.evaluate import evaluate_image
+    from ullsam_nb.segment import segment_image
+    from ullsam_nb.segmenter import object_zoom
+    from ullsam_nb.prompts import boxes_from_labels
+    m = build_sam()
+    gain = []
+    for seed in (11, 12):
+        s = synth_sample("bbbc005", 1_000_000_000 + seed, size=256)
+        labels = s.labels.astype(np.int64)
+        assert object_zoom(m, boxes_from_labels(labels)) == 2.0
+        preds = {}
+        _, zoomed = evaluate_image(m, s.image, labels, protocols=("box",), predictions=preds)
+        _, native = evaluate_image(m, s.image, labels, protocols=("box",), zoom=1)
+        gain.append(zoomed[0]["mSA"] - native[0]["mSA"])
+        np.testing.assert_array_equal(segment_image(m, s.image, "box", gt_labels=labels), preds[("box", 0)])
+    assert np.mean(gain) > 0.03, gain
 
 def test_cache_key_follows_weights(tmp_path, encoder_calls):
     img = np.random.default_rng(1).integers(0, 255, (64, 90), dtype=np.uint8)

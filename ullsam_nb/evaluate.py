@@ -20,10 +20,11 @@ from .metrics import instance_metrics, label_overlaps, mask_dice, mask_iou, SCAL
 from .io import list_images, labels_for, read_image, read_labels, check_same_size
 from .io import image_to_unit, as_label_map
 from .viz import show_grid
-from .segmenter import as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, lone_clicks, meets_head, meet_head, head_frame, refine_logits
+from .segmenter import (as_segmenter, masks_to_labels, automatic_segmentation, unit_uint8, prompt_extent, lone_clicks, meets_head, meet_head,
+                                  head_frame, refine_logits, zooms_images, object_zoom)
 from .embeddings import embed_image
 from .decode import decode_prompts, prompts_to_input, MASK_PROMPTS, lone_click_masks, best_mask
-from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset
+from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset, zoom_image, zoom_labels, zoom_points, zoom_boxes, shrink_masks
 
 # %% auto #0
 __all__ = ['PROTOCOLS', 'FLOORS', 'protocol_prompts', 'corrective_point', 'prompted_segmentation', 'evaluate_image', 'grey',
@@ -96,17 +97,27 @@ def _shift(a, off, idx):
 @torch.no_grad()
 def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, n_instances:int|None=None,
                           n_iterations:int=7, use_mask:bool=True, embedding=None, dense_prompt=None,
-                          mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64, mask_prompt:str="replace", head=None):
-    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image by a SAM or uLLSAM; a SAM tiles images larger than its input; `head`: the frame's `HeadFrame`, with `embedding`."
+                          mode:str="sam", cache=True, tile:bool|None=None, overlap:int=64, mask_prompt:str="replace", head=None,
+                          zoom:float|None=None, prompts:dict|None=None):
+    "Yield `(iteration, masks, scores, points, point_labels)` of a prompted protocol on one image by a SAM or uLLSAM; a SAM tiles images larger than its input, and the toolkit's own enlarge images of small objects (`zoom`, None decides: `segmenter.object_zoom`); `head`: the frame's `HeadFrame`, with `embedding`; `prompts`: the protocol's prompts when the caller made them."
     labels = as_label_map(labels)
-    p = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances)
+    p = protocol_prompts(protocol, labels, seed=seed, n_instances=n_instances) if prompts is None else prompts
     ids, boxes, points, plabels = p["ids"], p["boxes"], p["points"], p["point_labels"]
     steps = n_iterations + 1 if protocol.startswith("iterative") else 1
     if len(ids) == 0:
         for it in range(steps): yield it, np.zeros((0, *labels.shape), bool), np.zeros(0, np.float32), points, plabels
         return
-    gt_masks = labels[None] == ids[:, None, None]
     seg = as_segmenter(model, mode)
+    if zoom != 1 and embedding is None and dense_prompt is None and head is None and zooms_images(seg):
+        z = object_zoom(seg, boxes) if zoom is None else float(zoom)
+        if z != 1:          # the same prompts, in the enlarged image; masks and clicks come back to this one
+            big = dict(p, boxes=zoom_boxes(boxes, z), points=zoom_points(points, z))
+            for it, masks, scores, pts, pl in prompted_segmentation(seg, zoom_image(unit_uint8(image), z), zoom_labels(labels, z), protocol,
+                                                                    n_iterations=n_iterations, use_mask=use_mask, cache=cache, tile=tile,
+                                                                    overlap=overlap, mask_prompt=mask_prompt, zoom=1, prompts=big):
+                yield it, shrink_masks(masks, labels.shape), scores, zoom_points(pts, 1 / z), pl
+            return
+    gt_masks = labels[None] == ids[:, None, None] if steps > 1 else None     # corrective clicks need them
     dp = None if dense_prompt is None else dense_prompt.to(seg.device)
     size = seg.image_size
     if tile is None: tile = seg.tiles and embedding is None and dp is None and needs_tiling(labels.shape, size)
@@ -126,7 +137,7 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
     for t in np.unique(owner):
         idx = np.flatnonzero(owner == t); ys, xs = tiles[t]; off = tile_offset(tiles[t])
         emb, info, dpt = seg.prepare_image(u8[ys, xs], cache=cache)
-        runs.append((idx, ys, xs, off, _decode_steps(seg, emb, info, u8[ys, xs], gt_masks[idx][:, ys, xs], _shift(boxes, off, idx),
+        runs.append((idx, ys, xs, off, _decode_steps(seg, emb, info, u8[ys, xs], None if gt_masks is None else gt_masks[idx][:, ys, xs], _shift(boxes, off, idx),
                                                      _shift(points, off, idx), None if plabels is None else plabels[idx],
                                                      p["multimask"], steps, use_mask, dpt, mask_prompt)))
     for it in range(steps):
@@ -146,22 +157,30 @@ def _image_row(gt, pred) -> dict:
     r = instance_metrics(gt, pred)
     return dict(**{k: r[k] for k in SCALAR_METRICS}, n_gt=r["n_gt"], n_pred=r["n_pred"])
 
+def _protocol_zooms(seg, labels, protocols, zoom, seed, n_instances) -> dict:
+    "Each protocol's zoom (`segmenter.object_zoom`): `zoom` when given, else from its prompt boxes; 1 for points and the automatic mode."
+    if not zooms_images(seg): return dict.fromkeys(protocols, 1.0)
+    if zoom is not None: return dict.fromkeys(protocols, float(zoom))
+    return {p: 1.0 if p == "auto" else object_zoom(seg, protocol_prompts(p, labels, seed=seed, n_instances=n_instances)["boxes"]) for p in protocols}
+
 def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_points"), seed:int=0,
                    n_instances:int|None=None, n_iterations:int=7, use_mask:bool=True, dense_prompt=None,
-                   mode:str="sam", cache=True, amg:dict=None, predictions:dict=None, mask_prompt:str="replace") -> tuple:
-    "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given."
+                   mode:str="sam", cache=True, amg:dict=None, predictions:dict=None, mask_prompt:str="replace",
+                   zoom:float|None=None) -> tuple:
+    "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given; `zoom` as in `prompted_segmentation` (None: from each protocol's boxes)."
     labels = as_label_map(labels)
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface (its preprocessing, its dense prompt)
-    if seg.tiles and dense_prompt is None and needs_tiling(labels.shape, seg.image_size): emb = head = None   # native resolution, tile by tile
+    zooms = _protocol_zooms(seg, labels, protocols, zoom, seed, n_instances) if dense_prompt is None else dict.fromkeys(protocols, 1.0)
+    if (seg.tiles and dense_prompt is None and needs_tiling(labels.shape, seg.image_size)) or 1.0 not in zooms.values(): emb = head = None   # native resolution, tile by tile
     else:
         e, info, dense = seg.prepare_image(image, cache=cache)       # the image is embedded (and read by the head) once for every protocol
-        prompted = meets_head(seg) and any(p != "auto" for p in protocols)
+        prompted = meets_head(seg) and any(p != "auto" and zooms[p] == 1 for p in protocols)
         emb, head = (e, info), (head_frame(seg, e, info, image) if prompted else None)
         if dense_prompt is None: dense_prompt = dense
     inst_rows, img_rows = [], []
     for protocol in protocols:
         if protocol == "auto":
-            pred = seg.automatic_segmentation(image, cache=cache, **(amg or {}))
+            pred = seg.automatic_segmentation(image, cache=cache, **(amg or {}), **({"zoom": zooms[protocol]} if zooms_images(seg) else {}))
             if predictions is not None: predictions[(protocol, 0)] = pred
             ov = label_overlaps(labels, pred)
             best = np.zeros(len(ov.gt_ids)); np.maximum.at(best, ov.gt_index, ov.iou)
@@ -172,8 +191,8 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
                                  instance_iou=float(best.mean()) if len(best) else np.nan))
             continue
         steps = prompted_segmentation(seg, image, labels, protocol, seed=seed, n_instances=n_instances,
-                                      n_iterations=n_iterations, use_mask=use_mask, embedding=emb,
-                                      dense_prompt=dense_prompt, cache=cache, mask_prompt=mask_prompt, head=head)
+                                      n_iterations=n_iterations, use_mask=use_mask, mask_prompt=mask_prompt, cache=cache, zoom=zooms[protocol],
+                                      **(dict(embedding=emb, dense_prompt=dense_prompt, head=head) if zooms[protocol] == 1 else {}))
         ids = sample_instance_ids(labels, n_instances, rng=as_rng(seed))   # the instances protocol_prompts draws first
         gt_masks = labels[None] == ids[:, None, None]
         for it, masks, scores, _, _ in steps:

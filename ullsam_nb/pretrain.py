@@ -20,7 +20,8 @@ from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
 from .instance import instance_targets, InstanceHead, MaskRefiner
 from .sam import build_sam, save_model, load_model
 from .decode import decode_prompts, best_mask, lone_click_masks
-from .segmenter import unit_uint8, SNAP_IOU, TRIM_FOREGROUND, TRIM_KEEP
+from .segmenter import unit_uint8, SNAP_IOU, TRIM_FOREGROUND, TRIM_KEEP, OBJECT_DIAMETER
+from .tiling import MAX_ZOOM
 from .train import Trainer
 from .train_parts import TrainConfig
 from .evaluate import corrective_point, evaluate_models
@@ -511,15 +512,18 @@ def _card(record:dict, quality:dict|None) -> str:
              *([f"- {record['note']}"] if record.get("note") else []),
              "", "## Validation (synthetic, final model)", "", f"`{_validation(runs)}`", ""]
     if quality:
-        lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run:", "",
+        lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run. "
+                  f"Images whose boxes say the objects are under {OBJECT_DIAMETER:.0f} px across are enlarged first (`segmenter.object_zoom`, "
+                  "at most 2×); *native* is the same boxes at the image's own scale, same run:", "",
                   "| set | protocol | model | floors | model − best floor | beats floors |", "| --- | --- | --- | --- | --- | --- |"]
         for k, v in quality["verdict"].items():
             floors = {n.split(":")[1]: x for n, x in v.items() if n.startswith("floor:")}
             fl = ", ".join(f"{n} {x:.3f}" for n, x in floors.items())
-            lines.append(f"| {k} | {v['model']:.3f} | {fl} | {v['model'] - max(floors.values()):+.3f} | {'yes' if v['beats_floors'] else '**no**'} |")     # k is "set | protocol"
+            native = f" (native {v['native_scale']:.3f})" if "native_scale" in v else ""
+            lines.append(f"| {k} | {v['model']:.3f}{native} | {fl} | {v['model'] - max(floors.values()):+.3f} | {'yes' if v['beats_floors'] else '**no**'} |")     # k is "set | protocol"
         sp = quality.get("speed", {})
         if sp: lines += ["", f"Speed on this CPU ({sp.get('threads')} threads): encoder {sp['encoder_s_per_512']:.2f} s per 512² image "
-                         f"({sp['tiles_per_512']} tiles), {sp['prompt_ms_batched']:.1f} ms per box prompt batched, {finish} included "
+                         f"({sp['tiles_per_512']} tiles{_zoomed_speed(sp)}), {sp['prompt_ms_batched']:.1f} ms per box prompt batched, {finish} included "
                          f"(segment-anything's SamPredictor one prompt at a time: {sp['prompt_ms_reference_samprediction']:.1f} ms)"
                          + (f", {sp['click_ms_batched']:.1f} ms per lone click batched (the head's snap and {finish} included)." if "click_ms_batched" in sp else ".")]
     lines += ["", "## Limits", "", "- Small and trained for minutes on a CPU: use µSAM / SAM checkpoints (`--checkpoint`) where they fit your data and hardware.",
@@ -527,6 +531,9 @@ def _card(record:dict, quality:dict|None) -> str:
               "- Why the rows marked **no** miss (and what was tried): the section \"Where the shipped model falls short, and why\" of the pretraining notebook (`nbs/15a_pretrain.ipynb`).",
               "- Real-data licences: see `shared/data/real/README.md` (BBBC039 CC0, S-BIAD634 CC0, Usiigaci MIT, AxonDeepSeg MIT, CEM500K BSD-3, DSB2018 CC0)."]
     return "\n".join(lines) + "\n"
+
+def _zoomed_speed(sp:dict) -> str:
+    return f"; {sp['encoder_s_per_512_at_max_zoom']:.2f} s and {sp['tiles_per_512_at_max_zoom']} tiles when enlarged {MAX_ZOOM:g}×" if "encoder_s_per_512_at_max_zoom" in sp else ""
 
 def run_folders(run) -> dict:
     "The folders of a run and of the runs it was trained on, by kind (`run_chain`'s): each run's config names the folder before it."

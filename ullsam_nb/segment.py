@@ -11,9 +11,9 @@ from .basics import InputError, progress, cache_dir, output_folder
 from .io import read_image, read_labels, write_labels, list_images, check_same_size, labels_for
 from .prompts import instance_ids, boxes_from_labels, positive_points
 from .sam import SAM_REGISTRY, build_sam, load_model, read_checkpoint, model_identity, sam_architecture
-from .segmenter import as_segmenter, segment_prompts, automatic_segmentation, masks_to_labels, unit_uint8
+from .segmenter import as_segmenter, segment_prompts, automatic_segmentation, masks_to_labels, unit_uint8, zooms_images, object_zoom
 from .embeddings import embed_images, embedding_cache_path
-from .tiling import needs_tiling, tile_grid
+from .tiling import needs_tiling, tile_grid, zoom_image
 from .model import ULLSAM
 
 # %% auto #0
@@ -53,17 +53,19 @@ def load_segmenter(model:str="small", checkpoint=None, device=None, random_init:
 
 # %% ../nbs/15b_segment.ipynb #2f2053c8
 def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam", preset:str="default", cache=True,
-                  tile:bool=True, **auto_kwargs) -> np.ndarray:
-    "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model."
+                  tile:bool=True, diameter:float|None=None, zoom:bool=True, **auto_kwargs) -> np.ndarray:
+    "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model; `diameter`: the objects' typical size in px, if known."
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface
-    if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False, **auto_kwargs)
+    z = {} if not zooms_images(seg) else dict(zoom=(object_zoom(seg, diameter=diameter) if diameter else None) if zoom else 1.0)
+    if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False,
+                                                           **{k: v or 1.0 for k, v in z.items()}, **auto_kwargs)
     if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
     if gt_labels is None: raise InputError(f"{prompts} prompts need ground-truth masks (--gt)")
     ids = instance_ids(gt_labels)
     if len(ids) == 0: return np.zeros(np.asarray(image).shape[:2], np.uint32)
     kw = dict(boxes=boxes_from_labels(gt_labels, ids)) if prompts == "box" else \
          dict(points=positive_points(gt_labels, ids, rng=np.random.default_rng(0)), multimask=True)
-    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, **kw)
+    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, **z, **kw)
     return masks_to_labels(masks, scores, ids=ids)
 
 # %% ../nbs/15b_segment.ipynb #0ca17bc4
@@ -83,6 +85,8 @@ def segment_cmd(images:str, # folder of input images
                 points_per_side:int=None, # automatic mode with SAM's grid generator: grid points per side
                 mode:str="sam", # preprocessing: sam (longest side, pad, mean/std) or ullsam (square, [0,1])
                 tile:bool=True, # segment images larger than the model input in overlapping tiles at native resolution
+                diameter:float=None, # the objects' typical diameter in px, if known (else boxes tell it; points and auto keep the scale)
+                zoom:bool=True, # enlarge images of objects smaller than the toolkit's own model segments best (up to 2x)
                 random_init:bool=False, # use random weights instead of the shipped ones (for experiments; warns)
                 device:str=None, # torch device (default: cuda > mps > cpu)
                ) -> int:
@@ -102,14 +106,16 @@ def segment_cmd(images:str, # folder of input images
         if prompts in ("box", "point"):
             g = labels_for(f, gt); gt_labels = read_labels(g)
             check_same_size(image.shape, gt_labels.shape, f, g)   # the same check evaluate and train make
-        labels = segment_image(net, image, prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset, tile=tile, **auto)
+        labels = segment_image(net, image, prompts=prompts, gt_labels=gt_labels, mode=mode, preset=preset, tile=tile,
+                               diameter=diameter, zoom=zoom, **auto)
         write_labels(out/_label_name(f), labels, tif_fallback=True)   # ids > 65535 for a .png input: .tif, with a warning
         n_inst += len(np.unique(labels)) - (1 if (labels == 0).any() else 0)
     print(f"segmented {len(files)} images ({prompts} prompts, {_model_name(net, model, checkpoint)}): {n_inst} instances -> {out}")
     return 0
 
-def model_views(model, image, tile:bool=True) -> list:
-    "The arrays a SAM embeds for `image`: the image itself, or its tiles (cut from `unit_uint8`) when `segment` would tile it."
+def model_views(model, image, tile:bool=True, zoom:float=1.0) -> list:
+    "The arrays a SAM embeds for `image`: the image itself (enlarged `zoom` times), or its tiles (cut from `unit_uint8`) when `segment` would tile it."
+    if zoom != 1: image = zoom_image(unit_uint8(image), zoom)          # what `segment_prompts` embeds at that zoom
     if not (tile and needs_tiling(np.shape(image), model.image_encoder.img_size)): return [np.asarray(image)]
     u8 = unit_uint8(image)
     return [u8[ys, xs] for ys, xs in tile_grid(u8.shape, model.image_encoder.img_size)]
@@ -121,6 +127,7 @@ def precompute_cmd(images:str, # folder of input images
                    device:str=None, # torch device (default: cuda > mps > cpu)
                    batch_size:int=8, # images per encoder call
                    tile:bool=True, # cache the tiles `segment` uses for images larger than the model input
+                   diameter:float=None, # the objects' typical diameter in px: cache the enlarged images `segment --diameter` embeds
                   ) -> int:
     "Compute and cache SAM image embeddings for a folder of images (per tile for images that `segment` tiles)."
     files = list_images(images)
@@ -128,7 +135,7 @@ def precompute_cmd(images:str, # folder of input images
     if isinstance(net, ULLSAM): net, tile = net.sam, False          # uLLSAM models embed whole images
     hits = n = 0
     for f in progress(files, desc="embeddings"):
-        views = model_views(net, read_image(f), tile)
+        views = model_views(net, read_image(f), tile, zoom=object_zoom(net, diameter=diameter))
         hits += sum(embedding_cache_path(net, v, mode=mode).exists() for v in views); n += len(views)
         embed_images(net, views, mode=mode, batch_size=batch_size)
     root = cache_dir("embeddings", sam_architecture(net))

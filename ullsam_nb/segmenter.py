@@ -17,18 +17,19 @@ from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from .basics import InputError
 from .io import SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input, image_to_unit
 from .instance import instances_from_maps
-from .tiling import tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles
+from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, box_diameter, zoom_for,
+                               zoom_image, zoom_points, zoom_boxes, shrink_maps, shrink_masks)
 from .sam import sam_architecture
 from .embeddings import embed_image
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
-__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'AMG_PRESETS', 'AUTO_METHODS', 'SamSegmenter',
-           'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks', 'click_pixel',
-           'snap_clicks', 'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits', 'prompted_parts',
-           'meet_head', 'segment_prompts', 'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels',
-           'CachedPredictor', 'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps',
-           'automatic_segmentation']
+__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'OBJECT_DIAMETER', 'AMG_PRESETS', 'AUTO_METHODS',
+           'SamSegmenter', 'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks',
+           'click_pixel', 'snap_clicks', 'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits',
+           'prompted_parts', 'meet_head', 'zooms_images', 'object_zoom', 'segment_prompts', 'unit_uint8',
+           'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
+           'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -186,15 +187,38 @@ def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None, points=None, 
     masks = trim_masks(masks, frame.foreground > TRIM_FOREGROUND) if trims_masks(seg) else np.asarray(masks, bool)
     return prompted_parts(masks, points, point_labels)
 
+# %% ../nbs/08c_segmenter.ipynb #e58e66b7
+OBJECT_DIAMETER = 28.0     # px: the object size the toolkit's own SAMs segment best (chosen on validation images; see 15a)
+
+def zooms_images(model) -> bool:
+    "Whether `model` enlarges images of small objects: the toolkit's own SAMs (an instance head, tiles at native resolution), not official checkpoints or uLLSAM."
+    seg = as_segmenter(model)
+    return bool(getattr(seg, "tiles", False)) and hasattr(seg.sam, "instance_head")
+
+def object_zoom(model, boxes=None, diameter:float|None=None, mode:str="sam") -> float:
+    "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`'; 1 without either, and for a model that does not zoom."
+    if not zooms_images(as_segmenter(model, mode)): return 1.0
+    if diameter is None and boxes is not None: diameter = box_diameter(boxes)
+    return zoom_for(diameter, OBJECT_DIAMETER)
+
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
 @torch.no_grad()
 def segment_prompts(model, image, boxes=None, points=None, point_labels=None, multimask:bool=False,
                     embedding=None, info:SamInputInfo=None, dense_prompt=None, mask_input=None, best:bool=True,
                     mode:str="sam", cache=True, return_logits:bool=False, chunk:int=32, tile:bool|None=None,
-                    overlap:int=64, mask_prompt:str="replace", head:HeadFrame|None=None) -> tuple:
-    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images; `head`: the frame's `HeadFrame` when the caller keeps it."
+                    overlap:int=64, mask_prompt:str="replace", head:HeadFrame|None=None, zoom:float|None=None) -> tuple:
+    "Segment N instances of `image` with a SAM or uLLSAM `model` from boxes and/or points (original pixels): `(masks (N,H,W) bool, scores (N,))`; a SAM tiles large images, and the toolkit's own enlarge images of small objects (`zoom`: None decides, `object_zoom`); `head`: the frame's `HeadFrame` when the caller keeps it."
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
     seg = as_segmenter(model, mode)
+    if zoom != 1 and embedding is None and mask_input is None and dense_prompt is None and head is None and zooms_images(seg):
+        z = object_zoom(seg, boxes) if zoom is None else float(zoom)
+        if z != 1:
+            m, s = segment_prompts(seg, zoom_image(unit_uint8(image), z), zoom_boxes(boxes, z), zoom_points(points, z), point_labels,
+                                   multimask=multimask, best=best, mode=mode, cache=cache, return_logits=return_logits, chunk=chunk,
+                                   tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1)
+            shape = np.shape(image)[:2]
+            back = (shrink_maps if return_logits else shrink_masks)(m.reshape(-1, *m.shape[-2:]).numpy(), shape)
+            return torch.from_numpy(back).reshape(*m.shape[:-2], *shape), s
     if tile is None: tile = seg.tiles and embedding is None and mask_input is None and dense_prompt is None and needs_tiling(np.shape(image), seg.image_size)
     if tile: return segment_prompts_tiled(seg, image, boxes, points, point_labels, multimask=multimask, best=best, mode=mode,
                                           cache=cache, return_logits=return_logits, overlap=overlap)
@@ -269,7 +293,7 @@ def segment_prompts_tiled(model, image, boxes=None, points=None, point_labels=No
                                points=None if pts is None else pts[idx] - off,
                                point_labels=None if point_labels is None else np.asarray(point_labels).reshape(pts.shape[:2])[idx],
                                multimask=multimask, best=best, mode=mode, cache=cache, return_logits=return_logits,
-                               tile=False)
+                               tile=False, zoom=1)
         masks[idx, :, ys, xs] = m.reshape(len(idx), M, *m.shape[-2:])
         scores[idx] = s.reshape(len(idx), M)
     if M == 1: masks, scores = masks[:, 0], scores[:, 0]
@@ -402,13 +426,15 @@ def automatic_segmentation(model, image, points_per_side:int=None, pred_iou_thre
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
                            cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
-                           seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, **kwargs):
-    "Automatic instance segmentation by a SAM or uLLSAM -> (H,W) label map: `ais` (instance head + watershed; the default when the SAM has one) or `amg` (SAM's grid prompts, decoded with the model's dense prompt)."
+                           seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, zoom:float=1.0, **kwargs):
+    "Automatic instance segmentation by a SAM or uLLSAM -> (H,W) label map: `ais` (instance head + watershed; the default when the SAM has one; the image enlarged `zoom` times for the toolkit's own models, e.g. `object_zoom(model, diameter=12)`) or `amg` (SAM's grid prompts, decoded with the model's dense prompt)."
     seg = as_segmenter(model, mode)
     method = method or ("ais" if hasattr(seg.sam, "instance_head") else "amg")
     if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")
     if method == "ais":
-        fg, dist = instance_maps(seg.sam, image, mode=seg.preprocess, cache=cache, tile=tile)
+        z = float(zoom) if zooms_images(seg) else 1.0
+        maps = instance_maps(seg.sam, image if z == 1 else zoom_image(unit_uint8(image), z), mode=seg.preprocess, cache=cache, tile=tile)
+        fg, dist = shrink_maps(maps, np.shape(image)) if z != 1 else maps      # the watershed runs in the image's own pixels
         labels = instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
         return (labels, []) if return_records else labels
     if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")

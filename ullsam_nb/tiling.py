@@ -8,7 +8,9 @@ import math
 import numpy as np
 
 # %% auto #0
-__all__ = ['tile_starts', 'tile_grid', 'needs_tiling', 'assign_boxes', 'tile_offset', 'tile_weight', 'blend_tiles']
+__all__ = ['MAX_ZOOM', 'tile_starts', 'tile_grid', 'needs_tiling', 'assign_boxes', 'tile_offset', 'tile_weight', 'blend_tiles',
+           'label_diameter', 'box_diameter', 'zoom_for', 'zoom_shape', 'zoom_image', 'zoom_labels', 'zoom_points',
+           'zoom_boxes', 'shrink_maps', 'shrink_masks']
 
 # %% ../nbs/07b_tiling.ipynb #7b85be0d
 def tile_starts(length:int, tile:int, overlap:int=64) -> list:
@@ -61,3 +63,64 @@ def blend_tiles(maps:list, tiles:list, shape) -> np.ndarray:
         w = tile_weight(m.shape[-2:])
         acc[:, ys, xs] += m * w; wsum[ys, xs] += w
     return acc / np.maximum(wsum, 1e-12)
+
+# %% ../nbs/07b_tiling.ipynb #8e544a6d
+def label_diameter(labels) -> float:
+    "The median equivalent diameter (px) of a label map's instances; NaN without any."
+    areas = np.bincount(np.asarray(labels).astype(np.int64).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.median(2 * np.sqrt(areas / np.pi))) if len(areas) else float("nan")
+
+def box_diameter(boxes) -> float:
+    "The median diameter (px) of the objects filling inclusive `xyxy` boxes `(N,4)`: `√(w·h)`; NaN without boxes."
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return float(np.median(np.sqrt((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)))) if len(b) else float("nan")
+
+# %% ../nbs/07b_tiling.ipynb #a55d6c1e
+MAX_ZOOM = 2.0      # at most four times the pixels to encode
+
+def zoom_for(diameter:float, target:float, max_zoom:float=MAX_ZOOM) -> float:
+    "How much to enlarge an image whose objects are `diameter` px across for a model that segments `target`-px objects best: in [1, `max_zoom`], 1 when unknown."
+    if diameter is None or not np.isfinite(diameter) or diameter <= 0: return 1.0
+    return float(np.clip(target / diameter, 1.0, max_zoom))
+
+# %% ../nbs/07b_tiling.ipynb #1d32a53b
+def zoom_shape(shape, zoom:float) -> tuple:
+    "The `(H, W)` of an image of `shape` enlarged `zoom` times."
+    return tuple(max(1, int(round(s * zoom))) for s in shape[:2])
+
+def zoom_image(image, zoom:float) -> np.ndarray:
+    "`image` (H,W[,C]) enlarged `zoom` times (bilinear; the dtype kept)."
+    from skimage.transform import resize
+    image = np.asarray(image)
+    if zoom == 1: return image
+    out = resize(image, zoom_shape(image.shape, zoom) + image.shape[2:], order=1, preserve_range=True, anti_aliasing=False)
+    return np.round(out).astype(image.dtype) if np.issubdtype(image.dtype, np.integer) else out.astype(image.dtype)
+
+def zoom_labels(labels, zoom:float) -> np.ndarray:
+    "A label map enlarged `zoom` times (nearest neighbour)."
+    from skimage.transform import resize
+    labels = np.asarray(labels)
+    if zoom == 1: return labels
+    return resize(labels, zoom_shape(labels.shape, zoom), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+
+def zoom_points(points, zoom:float):
+    "Point coordinates `(..., 2)` in the image enlarged `zoom` times (`zoom < 1` maps back); None stays None."
+    return None if points is None else (np.asarray(points, np.float32) + 0.5) * zoom - 0.5
+
+def zoom_boxes(boxes, zoom:float):
+    "Inclusive `xyxy` boxes `(N,4)` in the image enlarged `zoom` times; None stays None."
+    if boxes is None: return None
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return np.concatenate([b[:, :2] * zoom, (b[:, 2:] + 1) * zoom - 1], 1)
+
+def shrink_maps(maps, shape, chunk:int=32) -> np.ndarray:
+    "Maps `(N,h,w)` (masks or probabilities) brought back to `shape` by area averaging: float32 `(N,H,W)`."
+    import torch, torch.nn.functional as F
+    maps = torch.as_tensor(np.asarray(maps), dtype=torch.float32)
+    out = [F.adaptive_avg_pool2d(maps[s:s + chunk][:, None], tuple(shape[:2]))[:, 0] for s in range(0, len(maps), chunk)]
+    return (torch.cat(out) if out else torch.zeros((0, *shape[:2]))).numpy()
+
+def shrink_masks(masks, shape) -> np.ndarray:
+    "Boolean masks `(N,h,w)` of an enlarged image brought back to `shape`: a pixel is in a mask when most of its area is."
+    return shrink_maps(masks, shape) > 0.5

@@ -91,23 +91,25 @@ def test_boxes_of_small_objects_zoom_and_the_cli_agrees_with_the_benchmark(tmp_p
         np.testing.assert_array_equal(segment_image(m, s.image, "box", gt_labels=labels), preds[("box", 0)])
     assert np.mean(gain) > 0.03, gain
 
-def test_clicks_and_automatic_mode_zoom_from_their_first_answer_and_the_cli_agrees(tmp_path):
-    "12-px nuclei: the masks drawn at the native scale (lone clicks; the automatic mode's instances) say the objects are small, and the image is segmented again 2x larger; `segment` and `evaluate_image` agree."
+def test_clicks_and_the_automatic_mode_zoom_only_when_told_the_size(tmp_path):
+    "Without boxes nothing says how large the objects are: clicks and the automatic mode keep the native scale, unless given `diameter`, which lifts them on 12-px nuclei."
     from ullsam_nb.synth import synth_sample
-    from ullsam_nb.evaluate import evaluate_image
     from ullsam_nb.segment import segment_image
+    from ullsam_nb.metrics import instance_metrics
     m = build_sam()
     gain = []
     for seed in (11, 12):
         s = synth_sample("bbbc005", 1_000_000_000 + seed, size=256)
         labels = s.labels.astype(np.int64)
-        preds = {}
-        _, zoomed = evaluate_image(m, s.image, labels, protocols=("point", "auto"), predictions=preds)
-        _, native = evaluate_image(m, s.image, labels, protocols=("point", "auto"), zoom=1)
-        gain.append([z["mSA"] - n["mSA"] for z, n in zip(zoomed, native)])
-        np.testing.assert_array_equal(segment_image(m, s.image, "point", gt_labels=labels), preds[("point", 0)])
-        np.testing.assert_array_equal(segment_image(m, s.image, "auto"), preds[("auto", 0)])
-    assert (np.mean(gain, 0) > 0.03).all(), gain          # clicks, and the automatic mode's second look
+        row = []
+        for prompts in ("point", "auto"):
+            gt = labels if prompts == "point" else None
+            native = segment_image(m, s.image, prompts, gt_labels=gt, zoom=False)
+            np.testing.assert_array_equal(segment_image(m, s.image, prompts, gt_labels=gt), native)     # the default
+            told = segment_image(m, s.image, prompts, gt_labels=gt, diameter=12)
+            row.append(instance_metrics(labels, told)["mSA"] - instance_metrics(labels, native)["mSA"])
+        gain.append(row)
+    assert (np.mean(gain, 0) > 0.03).all(), gain
 
 def test_cache_key_follows_weights(tmp_path, encoder_calls):
     img = np.random.default_rng(1).integers(0, 255, (64, 90), dtype=np.uint8)

@@ -513,8 +513,8 @@ def _card(record:dict, quality:dict|None) -> str:
              "", "## Validation (synthetic, final model)", "", f"`{_validation(runs)}`", ""]
     if quality:
         lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run. "
-                  f"Images of objects under {OBJECT_DIAMETER:.0f} px across are enlarged first, at most {MAX_ZOOM:g}× (`segmenter.object_zoom`: "
-                  "the boxes, or the model's own first answer at the native scale, tell the objects' size); *native* is the same boxes "
+                  f"Images whose boxes say the objects are under {OBJECT_DIAMETER:.0f} px across are enlarged first, at most {MAX_ZOOM:g}× "
+                  "(`segmenter.object_zoom`; clicks and the automatic mode keep the native scale); *native* is the same boxes "
                   "at the image's own scale, same run:", "",
                   "| set | protocol | model | floors | model − best floor | beats floors |", "| --- | --- | --- | --- | --- | --- |"]
         for k, v in quality["verdict"].items():

@@ -57,7 +57,8 @@ def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam
     "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model; `diameter`: the objects' typical size in px, if known."
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface
     z = {} if not zooms_images(seg) else dict(zoom=(object_zoom(seg, diameter=diameter) if diameter else None) if zoom else 1.0)
-    if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False, **z, **auto_kwargs)
+    if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False,
+                                                           **{k: v or 1.0 for k, v in z.items()}, **auto_kwargs)
     if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
     if gt_labels is None: raise InputError(f"{prompts} prompts need ground-truth masks (--gt)")
     ids = instance_ids(gt_labels)
@@ -84,7 +85,7 @@ def segment_cmd(images:str, # folder of input images
                 points_per_side:int=None, # automatic mode with SAM's grid generator: grid points per side
                 mode:str="sam", # preprocessing: sam (longest side, pad, mean/std) or ullsam (square, [0,1])
                 tile:bool=True, # segment images larger than the model input in overlapping tiles at native resolution
-                diameter:float=None, # the objects' typical diameter in px, if known (else the boxes, or the model's first answer at the native scale, tell it)
+                diameter:float=None, # the objects' typical diameter in px, if known (else boxes tell it; points and auto keep the scale)
                 zoom:bool=True, # enlarge images of objects smaller than the toolkit's own model segments best (up to 2x)
                 random_init:bool=False, # use random weights instead of the shipped ones (for experiments; warns)
                 device:str=None, # torch device (default: cuda > mps > cpu)

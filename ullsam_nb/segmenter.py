@@ -17,7 +17,7 @@ from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from .basics import InputError
 from .io import SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input, image_to_unit
 from .instance import instances_from_maps
-from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, label_diameter, box_diameter, mask_diameter, zoom_for,
+from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, box_diameter, zoom_for,
                                zoom_image, zoom_points, zoom_boxes, shrink_maps, shrink_masks)
 from .sam import sam_architecture
 from .embeddings import embed_image
@@ -195,10 +195,10 @@ def zooms_images(model) -> bool:
     seg = as_segmenter(model)
     return bool(getattr(seg, "tiles", False)) and hasattr(seg.sam, "instance_head")
 
-def object_zoom(model, boxes=None, diameter:float|None=None, masks=None, mode:str="sam") -> float:
-    "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`', else `masks` `(N,H,W)` it drew at the native scale; 1 without any, and for a model that does not zoom."
+def object_zoom(model, boxes=None, diameter:float|None=None, mode:str="sam") -> float:
+    "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`'; 1 without either, and for a model that does not zoom."
     if not zooms_images(as_segmenter(model, mode)): return 1.0
-    if diameter is None: diameter = box_diameter(boxes) if boxes is not None else (mask_diameter(masks) if masks is not None else None)
+    if diameter is None and boxes is not None: diameter = box_diameter(boxes)
     return zoom_for(diameter, OBJECT_DIAMETER)
 
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
@@ -211,13 +211,7 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
     if boxes is None and points is None: raise ValueError("give boxes and/or points")
     seg = as_segmenter(model, mode)
     if zoom != 1 and embedding is None and mask_input is None and dense_prompt is None and head is None and zooms_images(seg):
-        z = float(zoom) if zoom is not None else (object_zoom(seg, boxes) if boxes is not None else None)
-        if z is None:        # clicks alone: their answer at the native scale says how large the objects are
-            first = segment_prompts(seg, image, None, points, point_labels, multimask=multimask, best=best, mode=mode, cache=cache,
-                                    return_logits=return_logits, chunk=chunk, tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1)
-            m = first[0] > seg.mask_threshold if return_logits else first[0]
-            z = object_zoom(seg, masks=m.reshape(-1, *m.shape[-2:]).numpy())
-            if z == 1: return first
+        z = object_zoom(seg, boxes) if zoom is None else float(zoom)
         if z != 1:
             m, s = segment_prompts(seg, zoom_image(unit_uint8(image), z), zoom_boxes(boxes, z), zoom_points(points, z), point_labels,
                                    multimask=multimask, best=best, mode=mode, cache=cache, return_logits=return_logits, chunk=chunk,
@@ -432,21 +426,16 @@ def automatic_segmentation(model, image, points_per_side:int=None, pred_iou_thre
                            stability_score_thresh:float=None, min_mask_region_area:int=None, box_nms_thresh:float=None,
                            crop_n_layers:int=None, preset:str="default", points_per_batch:int=64, mode:str="sam",
                            cache=True, return_records:bool=False, method:str=None, fg_threshold:float=0.5,
-                           seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, zoom:float|None=None, **kwargs):
-    "Automatic instance segmentation by a SAM or uLLSAM -> (H,W) label map: `ais` (instance head + watershed; the default when the SAM has one; for the toolkit's own models the image enlarged `zoom` times, e.g. `object_zoom(model, diameter=12)`, None: as its first look at the native scale asks) or `amg` (SAM's grid prompts, decoded with the model's dense prompt)."
+                           seed_threshold:float=0.3, min_area:int=8, tile:bool|None=None, zoom:float=1.0, **kwargs):
+    "Automatic instance segmentation by a SAM or uLLSAM -> (H,W) label map: `ais` (instance head + watershed; the default when the SAM has one; the image enlarged `zoom` times for the toolkit's own models, e.g. `object_zoom(model, diameter=12)`) or `amg` (SAM's grid prompts, decoded with the model's dense prompt)."
     seg = as_segmenter(model, mode)
     method = method or ("ais" if hasattr(seg.sam, "instance_head") else "amg")
     if method not in AUTO_METHODS: raise InputError(f"unknown automatic method {method!r}; use one of {', '.join(AUTO_METHODS)}")
     if method == "ais":
-        def look(z):
-            maps = instance_maps(seg.sam, image if z == 1 else zoom_image(unit_uint8(image), z), mode=seg.preprocess, cache=cache, tile=tile)
-            fg, dist = shrink_maps(maps, np.shape(image)) if z != 1 else maps      # the watershed runs in the image's own pixels
-            return instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
-        z = (1.0 if zoom is None else float(zoom)) if zooms_images(seg) else 1.0
-        labels = look(z)
-        if zoom is None and zooms_images(seg):        # the first look says how large the objects are
-            z = object_zoom(seg, diameter=label_diameter(labels))
-            if z != 1: labels = look(z)
+        z = float(zoom) if zooms_images(seg) else 1.0
+        maps = instance_maps(seg.sam, image if z == 1 else zoom_image(unit_uint8(image), z), mode=seg.preprocess, cache=cache, tile=tile)
+        fg, dist = shrink_maps(maps, np.shape(image)) if z != 1 else maps      # the watershed runs in the image's own pixels
+        labels = instances_from_maps(fg, dist, fg_threshold=fg_threshold, seed_threshold=seed_threshold, min_area=min_area)
         return (labels, []) if return_records else labels
     if preset not in AMG_PRESETS: raise InputError(f"unknown preset {preset!r}; known: {', '.join(AMG_PRESETS)}")
     given = dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,

@@ -71,42 +71,43 @@ def test_precompute_then_segment_skips_encoder(tmp_path, encoder_calls):
     assert precompute_cmd(root/"images", diameter=14) == 0 and sum(encoder_calls) == 6     # the images enlarged for 14-px objects
     assert segment_cmd(root/"images", tmp_path/"pred_14", gt=root/"masks", diameter=14) == 0 and sum(encoder_calls) == 6
 
+def _small_nuclei():
+    "Two BBBC005-style synthetic images (validation seeds): `(image, labels)` of nuclei about 12 px across."
+    from ullsam_nb.synth import synth_sample
+    for seed in (11, 12):
+        s = synth_sample("bbbc005", 1_000_000_000 + seed, size=256)
+        yield s.image, s.labels.astype(np.int64)
+
 def test_boxes_of_small_objects_zoom_and_the_cli_agrees_with_the_benchmark(tmp_path):
     "BBBC005-style nuclei (12 px): the boxes say the objects are small, the image is enlarged 2x, and the masks are better for it; `segment` and `evaluate_image` give the same label map."
-    from ullsam_nb.synth import synth_sample
     from ullsam_nb.evaluate import evaluate_image
     from ullsam_nb.segment import segment_image
     from ullsam_nb.segmenter import object_zoom
     from ullsam_nb.prompts import boxes_from_labels
     m = build_sam()
     gain = []
-    for seed in (11, 12):
-        s = synth_sample("bbbc005", 1_000_000_000 + seed, size=256)
-        labels = s.labels.astype(np.int64)
+    for image, labels in _small_nuclei():
         assert object_zoom(m, boxes_from_labels(labels)) == 2.0
         preds = {}
-        _, zoomed = evaluate_image(m, s.image, labels, protocols=("box",), predictions=preds)
-        _, native = evaluate_image(m, s.image, labels, protocols=("box",), zoom=1)
+        _, zoomed = evaluate_image(m, image, labels, protocols=("box",), predictions=preds)
+        _, native = evaluate_image(m, image, labels, protocols=("box",), zoom=1)
         gain.append(zoomed[0]["mSA"] - native[0]["mSA"])
-        np.testing.assert_array_equal(segment_image(m, s.image, "box", gt_labels=labels), preds[("box", 0)])
+        np.testing.assert_array_equal(segment_image(m, image, "box", gt_labels=labels), preds[("box", 0)])
     assert np.mean(gain) > 0.03, gain
 
 def test_clicks_and_the_automatic_mode_zoom_only_when_told_the_size(tmp_path):
     "Without boxes nothing says how large the objects are: clicks and the automatic mode keep the native scale, unless given `diameter`, which lifts them on 12-px nuclei."
-    from ullsam_nb.synth import synth_sample
     from ullsam_nb.segment import segment_image
     from ullsam_nb.metrics import instance_metrics
     m = build_sam()
     gain = []
-    for seed in (11, 12):
-        s = synth_sample("bbbc005", 1_000_000_000 + seed, size=256)
-        labels = s.labels.astype(np.int64)
+    for image, labels in _small_nuclei():
         row = []
         for prompts in ("point", "auto"):
             gt = labels if prompts == "point" else None
-            native = segment_image(m, s.image, prompts, gt_labels=gt, zoom=False)
-            np.testing.assert_array_equal(segment_image(m, s.image, prompts, gt_labels=gt), native)     # the default
-            told = segment_image(m, s.image, prompts, gt_labels=gt, diameter=12)
+            native = segment_image(m, image, prompts, gt_labels=gt, zoom=False)
+            np.testing.assert_array_equal(segment_image(m, image, prompts, gt_labels=gt), native)     # the default
+            told = segment_image(m, image, prompts, gt_labels=gt, diameter=12)
             row.append(instance_metrics(labels, told)["mSA"] - instance_metrics(labels, native)["mSA"])
         gain.append(row)
     assert (np.mean(gain, 0) > 0.03).all(), gain

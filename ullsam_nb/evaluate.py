@@ -157,11 +157,11 @@ def _image_row(gt, pred) -> dict:
     r = instance_metrics(gt, pred)
     return dict(**{k: r[k] for k in SCALAR_METRICS}, n_gt=r["n_gt"], n_pred=r["n_pred"])
 
-def _protocol_zooms(seg, labels, protocols, zoom, seed, n_instances) -> dict:
-    "Each protocol's zoom (`segmenter.object_zoom`): `zoom` when given, else from its prompt boxes; 1 for points and the automatic mode."
-    if not zooms_images(seg): return dict.fromkeys(protocols, 1.0)
-    if zoom is not None: return dict.fromkeys(protocols, float(zoom))
-    return {p: 1.0 if p == "auto" else object_zoom(seg, protocol_prompts(p, labels, seed=seed, n_instances=n_instances)["boxes"]) for p in protocols}
+def _protocol_zooms(seg, prompts:dict, zoom) -> dict:
+    "Each protocol's zoom (`segmenter.object_zoom`): `zoom` when given, else from its prompt boxes (`prompts[protocol]`); 1 for points and the automatic mode."
+    if not zooms_images(seg): return dict.fromkeys(prompts, 1.0)
+    if zoom is not None: return dict.fromkeys(prompts, float(zoom))
+    return {k: object_zoom(seg, p["boxes"]) if p else 1.0 for k, p in prompts.items()}
 
 def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_points"), seed:int=0,
                    n_instances:int|None=None, n_iterations:int=7, use_mask:bool=True, dense_prompt=None,
@@ -170,7 +170,8 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
     "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given; `zoom` as in `prompted_segmentation` (None: from each protocol's boxes)."
     labels = as_label_map(labels)
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface (its preprocessing, its dense prompt)
-    zooms = _protocol_zooms(seg, labels, protocols, zoom, seed, n_instances) if dense_prompt is None else dict.fromkeys(protocols, 1.0)
+    prompts = {p: None if p == "auto" else protocol_prompts(p, labels, seed=seed, n_instances=n_instances) for p in protocols}   # made once
+    zooms = _protocol_zooms(seg, prompts, zoom) if dense_prompt is None else dict.fromkeys(protocols, 1.0)
     if (seg.tiles and dense_prompt is None and needs_tiling(labels.shape, seg.image_size)) or 1.0 not in zooms.values(): emb = head = None   # native resolution, tile by tile
     else:
         e, info, dense = seg.prepare_image(image, cache=cache)       # the image is embedded (and read by the head) once for every protocol
@@ -190,10 +191,10 @@ def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_poin
                                  instance_dice=float(np.mean(2 * best / (1 + best))) if len(best) else np.nan,
                                  instance_iou=float(best.mean()) if len(best) else np.nan))
             continue
-        steps = prompted_segmentation(seg, image, labels, protocol, seed=seed, n_instances=n_instances,
+        steps = prompted_segmentation(seg, image, labels, protocol, prompts=prompts[protocol],
                                       n_iterations=n_iterations, use_mask=use_mask, mask_prompt=mask_prompt, cache=cache, zoom=zooms[protocol],
                                       **(dict(embedding=emb, dense_prompt=dense_prompt, head=head) if zooms[protocol] == 1 else {}))
-        ids = sample_instance_ids(labels, n_instances, rng=as_rng(seed))   # the instances protocol_prompts draws first
+        ids = prompts[protocol]["ids"]
         gt_masks = labels[None] == ids[:, None, None]
         for it, masks, scores, _, _ in steps:
             d, j = (mask_dice(masks, gt_masks), mask_iou(masks, gt_masks)) if len(ids) else (np.zeros(0), np.zeros(0))

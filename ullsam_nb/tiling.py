@@ -9,8 +9,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MAX_ZOOM', 'tile_starts', 'tile_grid', 'needs_tiling', 'assign_boxes', 'tile_offset', 'tile_weight', 'blend_tiles',
-           'label_diameter', 'box_diameter', 'zoom_for', 'zoom_shape', 'zoom_image', 'zoom_labels', 'zoom_points',
-           'zoom_boxes', 'shrink_maps', 'shrink_masks']
+           'box_diameter', 'zoom_for', 'zoom_shape', 'zoom_image', 'zoom_labels', 'zoom_points', 'zoom_boxes',
+           'shrink_maps', 'shrink_masks']
 
 # %% ../nbs/07b_tiling.ipynb #7b85be0d
 def tile_starts(length:int, tile:int, overlap:int=64) -> list:
@@ -65,12 +65,6 @@ def blend_tiles(maps:list, tiles:list, shape) -> np.ndarray:
     return acc / np.maximum(wsum, 1e-12)
 
 # %% ../nbs/07b_tiling.ipynb #8e544a6d
-def label_diameter(labels) -> float:
-    "The median equivalent diameter (px) of a label map's instances; NaN without any."
-    areas = np.bincount(np.asarray(labels).astype(np.int64).ravel())[1:]
-    areas = areas[areas > 0]
-    return float(np.median(2 * np.sqrt(areas / np.pi))) if len(areas) else float("nan")
-
 def box_diameter(boxes) -> float:
     "The median diameter (px) of the objects filling inclusive `xyxy` boxes `(N,4)`: `√(w·h)`; NaN without boxes."
     b = np.asarray(boxes, np.float64).reshape(-1, 4)

@@ -110,6 +110,11 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
     seg = as_segmenter(model, mode)
     if zoom != 1 and embedding is None and dense_prompt is None and head is None and zooms_images(seg):
         z = object_zoom(seg, boxes) if zoom is None else float(zoom)
+        if zoom is None and boxes is None:      # clicks alone: their answer at the native scale says how large the objects are
+            first = list(prompted_segmentation(seg, image, labels, protocol, n_iterations=n_iterations, use_mask=use_mask, cache=cache,
+                                               tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1, prompts=p))
+            z = object_zoom(seg, masks=first[0][1])
+            if z == 1: yield from first; return
         if z != 1:          # the same prompts, in the enlarged image; masks and clicks come back to this one
             big = dict(p, boxes=zoom_boxes(boxes, z), points=zoom_points(points, z))
             for it, masks, scores, pts, pl in prompted_segmentation(seg, zoom_image(unit_uint8(image), z), zoom_labels(labels, z), protocol,
@@ -158,16 +163,16 @@ def _image_row(gt, pred) -> dict:
     return dict(**{k: r[k] for k in SCALAR_METRICS}, n_gt=r["n_gt"], n_pred=r["n_pred"])
 
 def _protocol_zooms(seg, prompts:dict, zoom) -> dict:
-    "Each protocol's zoom (`segmenter.object_zoom`): `zoom` when given, else from its prompt boxes (`prompts[protocol]`); 1 for points and the automatic mode."
+    "Each protocol's zoom (`segmenter.object_zoom`): `zoom` when given, else from its prompt boxes (`prompts[protocol]`); None for clicks alone (`prompted_segmentation` sizes them from their first answer); 1 for the automatic mode."
     if not zooms_images(seg): return dict.fromkeys(prompts, 1.0)
     if zoom is not None: return dict.fromkeys(prompts, float(zoom))
-    return {k: object_zoom(seg, p["boxes"]) if p else 1.0 for k, p in prompts.items()}
+    return {k: (object_zoom(seg, p["boxes"]) if p["boxes"] is not None else None) if p else 1.0 for k, p in prompts.items()}
 
 def evaluate_image(model, image, labels, protocols=("box", "point", "ullsam_points"), seed:int=0,
                    n_instances:int|None=None, n_iterations:int=7, use_mask:bool=True, dense_prompt=None,
                    mode:str="sam", cache=True, amg:dict=None, predictions:dict=None, mask_prompt:str="replace",
                    zoom:float|None=None) -> tuple:
-    "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given; `zoom` as in `prompted_segmentation` (None: from each protocol's boxes)."
+    "Run `protocols` on one image with a SAM or a uLLSAM model: `(instance_rows, image_rows)`; label maps go to `predictions[(protocol, iteration)]` if given; `zoom` as in `prompted_segmentation` (None: from each protocol's boxes, or its clicks' first answer)."
     labels = as_label_map(labels)
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface (its preprocessing, its dense prompt)
     prompts = {p: None if p == "auto" else protocol_prompts(p, labels, seed=seed, n_instances=n_instances) for p in protocols}   # made once

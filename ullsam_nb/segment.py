@@ -56,7 +56,7 @@ def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam
                   tile:bool=True, diameter:float|None=None, zoom:bool=True, **auto_kwargs) -> np.ndarray:
     "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model; `diameter`: the objects' typical size in px, if known."
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface
-    enlarge = lambda boxes=None: object_zoom(seg, boxes, diameter) if zoom else 1.0       # the boxes tell the size when no diameter does
+    enlarge = lambda boxes=None, clicks=False: (None if clicks and not diameter else object_zoom(seg, boxes, diameter)) if zoom else 1.0   # no diameter: the boxes tell the size, or the clicks' first answer (None)
     if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False,
                                                            **(dict(zoom=enlarge()) if zooms_images(seg) else {}), **auto_kwargs)
     if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
@@ -65,7 +65,7 @@ def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam
     if len(ids) == 0: return np.zeros(np.asarray(image).shape[:2], np.uint32)
     kw = dict(boxes=boxes_from_labels(gt_labels, ids)) if prompts == "box" else \
          dict(points=positive_points(gt_labels, ids, rng=np.random.default_rng(0)), multimask=True)
-    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, zoom=enlarge(kw.get("boxes")), **kw)
+    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, zoom=enlarge(kw.get("boxes"), prompts == "point"), **kw)
     return masks_to_labels(masks, scores, ids=ids)
 
 # %% ../nbs/15b_segment.ipynb #0ca17bc4
@@ -85,7 +85,7 @@ def segment_cmd(images:str, # folder of input images
                 points_per_side:int=None, # automatic mode with SAM's grid generator: grid points per side
                 mode:str="sam", # preprocessing: sam (longest side, pad, mean/std) or ullsam (square, [0,1])
                 tile:bool=True, # segment images larger than the model input in overlapping tiles at native resolution
-                diameter:float=None, # the objects' typical diameter in px, if known (else boxes tell it; points and auto keep the scale)
+                diameter:float=None, # the objects' typical diameter in px, if known (else the boxes tell it, or the clicks' first masks; auto keeps the scale)
                 zoom:bool=True, # enlarge images of objects smaller than the toolkit's own model segments best (up to 2x)
                 random_init:bool=False, # use random weights instead of the shipped ones (for experiments; warns)
                 device:str=None, # torch device (default: cuda > mps > cpu)

@@ -17,19 +17,19 @@ from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from .basics import InputError
 from .io import SamInputInfo, preprocess_for_sam, masks_to_original, points_to_input, boxes_to_input, image_to_unit
 from .instance import instances_from_maps
-from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, box_diameter, zoom_for,
+from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, box_diameter, mask_diameter, zoom_for,
                                zoom_image, zoom_points, zoom_boxes, shrink_maps, shrink_masks)
 from .sam import sam_architecture
 from .embeddings import embed_image
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
-__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'OBJECT_DIAMETER', 'AMG_PRESETS', 'AUTO_METHODS',
-           'SamSegmenter', 'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head', 'lone_clicks',
-           'click_pixel', 'snap_clicks', 'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows', 'refine_logits',
-           'prompted_parts', 'meet_head', 'zooms_images', 'object_zoom', 'segment_prompts', 'unit_uint8',
-           'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor', 'clean_small_regions',
-           'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
+__all__ = ['SNAP_IOU', 'TRIM_FOREGROUND', 'TRIM_KEEP', 'REFINE_MARGIN', 'OBJECT_DIAMETER', 'CLICK_DIAMETER', 'AMG_PRESETS',
+           'AUTO_METHODS', 'SamSegmenter', 'as_segmenter', 'snaps_clicks', 'refines_masks', 'trims_masks', 'meets_head',
+           'lone_clicks', 'click_pixel', 'snap_clicks', 'trim_masks', 'HeadFrame', 'head_frame', 'mask_windows',
+           'refine_logits', 'prompted_parts', 'meet_head', 'zooms_images', 'object_zoom', 'segment_prompts',
+           'unit_uint8', 'prompt_extent', 'segment_prompts_tiled', 'masks_to_labels', 'CachedPredictor',
+           'clean_small_regions', 'MicroscopyMaskGenerator', 'instance_maps', 'head_maps', 'automatic_segmentation']
 
 # %% ../nbs/08c_segmenter.ipynb #c209a7f0
 class SamSegmenter:
@@ -189,15 +189,17 @@ def meet_head(seg, masks:np.ndarray, frame:HeadFrame, clicks=None, points=None, 
 
 # %% ../nbs/08c_segmenter.ipynb #e58e66b7
 OBJECT_DIAMETER = 28.0     # px: the object size the toolkit's own SAMs segment best (chosen on validation images; see 15a)
+CLICK_DIAMETER = 34.0      # px: the same target for sizes read off clicks' own first masks, which spill past small objects (see 15a)
 
 def zooms_images(model) -> bool:
     "Whether `model` enlarges images of small objects: the toolkit's own SAMs (an instance head, tiles at native resolution), not official checkpoints or uLLSAM."
     seg = as_segmenter(model)
     return bool(getattr(seg, "tiles", False)) and hasattr(seg.sam, "instance_head")
 
-def object_zoom(model, boxes=None, diameter:float|None=None, mode:str="sam") -> float:
-    "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`'; 1 without either, and for a model that does not zoom."
+def object_zoom(model, boxes=None, diameter:float|None=None, masks=None, mode:str="sam") -> float:
+    "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`', else the `masks` `(N,H,W)` its clicks drew at the native scale (`CLICK_DIAMETER`); 1 without any, and for a model that does not zoom."
     if not zooms_images(as_segmenter(model, mode)): return 1.0
+    if diameter is None and boxes is None and masks is not None: return zoom_for(mask_diameter(masks), CLICK_DIAMETER)
     if diameter is None and boxes is not None: diameter = box_diameter(boxes)
     return zoom_for(diameter, OBJECT_DIAMETER)
 
@@ -212,6 +214,12 @@ def segment_prompts(model, image, boxes=None, points=None, point_labels=None, mu
     seg = as_segmenter(model, mode)
     if zoom != 1 and embedding is None and mask_input is None and dense_prompt is None and head is None and zooms_images(seg):
         z = object_zoom(seg, boxes) if zoom is None else float(zoom)
+        if zoom is None and boxes is None:        # clicks alone: their answer at the native scale says how large the objects are
+            first = segment_prompts(seg, image, None, points, point_labels, multimask=multimask, best=best, mode=mode, cache=cache,
+                                    return_logits=return_logits, chunk=chunk, tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1)
+            drawn = first[0] > seg.mask_threshold if return_logits else first[0]
+            z = object_zoom(seg, masks=drawn.reshape(-1, *drawn.shape[-2:]).numpy())
+            if z == 1: return first
         if z != 1:
             m, s = segment_prompts(seg, zoom_image(unit_uint8(image), z), zoom_boxes(boxes, z), zoom_points(points, z), point_labels,
                                    multimask=multimask, best=best, mode=mode, cache=cache, return_logits=return_logits, chunk=chunk,

@@ -9,8 +9,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['MAX_ZOOM', 'tile_starts', 'tile_grid', 'needs_tiling', 'assign_boxes', 'tile_offset', 'tile_weight', 'blend_tiles',
-           'box_diameter', 'zoom_for', 'zoom_shape', 'zoom_image', 'zoom_labels', 'zoom_points', 'zoom_boxes',
-           'shrink_maps', 'shrink_masks']
+           'box_diameter', 'mask_diameter', 'zoom_for', 'zoom_shape', 'zoom_image', 'zoom_labels', 'zoom_points',
+           'zoom_boxes', 'shrink_maps', 'shrink_masks']
 
 # %% ../nbs/07b_tiling.ipynb #7b85be0d
 def tile_starts(length:int, tile:int, overlap:int=64) -> list:
@@ -69,6 +69,12 @@ def box_diameter(boxes) -> float:
     "The median diameter (px) of the objects filling inclusive `xyxy` boxes `(N,4)`: `√(w·h)`; NaN without boxes."
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     return float(np.median(np.sqrt((b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)))) if len(b) else float("nan")
+
+def mask_diameter(masks) -> float:
+    "The median equivalent diameter (px) of the non-empty masks `(N,H,W)`: `√(4·area/π)`, the disc of the same area; NaN without one."
+    a = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:]).sum((1, 2))
+    a = a[a > 0]
+    return float(np.median(np.sqrt(4 * a / np.pi))) if len(a) else float("nan")
 
 # %% ../nbs/07b_tiling.ipynb #a55d6c1e
 MAX_ZOOM = 2.0      # at most four times the pixels to encode

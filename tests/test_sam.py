@@ -115,6 +115,23 @@ def test_clicks_size_themselves_and_the_automatic_mode_zooms_when_told_the_size(
                      instance_metrics(labels, told)["mSA"] - instance_metrics(labels, auto)["mSA"]])
     assert (np.mean(gain, 0) > 0.03).all(), gain
 
+def test_a_narrow_image_is_mirrored_into_the_margin(monkeypatch):
+    "An image narrower than the model's input: the shipped SAM reads it mirrored into the margin (`embeddings.input_padding`); with segment-anything's zero margin its foreground map lights up beside the image (the H&E background reads as nuclei)."
+    import ullsam_nb.embeddings as embeddings, ullsam_nb.segmenter as segmenter
+    from ullsam_nb.segmenter import instance_maps
+    from ullsam_nb.synth import synth_sample
+    m = build_sam()
+    s = synth_sample("he_nuclei", 1_000_000_011, size=256)
+    image, background = s.image[:, :160], s.labels[:, :160] == 0
+    fg = {}
+    for pad in ("zero", "mirror"):
+        monkeypatch.setattr(embeddings, "input_padding", lambda model, pad=pad: pad)
+        monkeypatch.setattr(segmenter, "input_padding", lambda model, pad=pad: pad)
+        fg[pad] = instance_maps(m, image, cache=False)[0][background].mean()
+    monkeypatch.undo()
+    assert embeddings.input_padding(m) == "mirror" and embeddings.input_padding(build_sam("tiny", device="cpu")) == "zero"
+    assert fg["mirror"] < 0.1 and fg["zero"] > 3 * fg["mirror"], fg
+
 def test_cache_key_follows_weights(tmp_path, encoder_calls):
     img = np.random.default_rng(1).integers(0, 255, (64, 90), dtype=np.uint8)
     m = build_sam("tiny", device="cpu")

@@ -14,11 +14,17 @@ from .io import SamInputInfo, preprocess_for_sam
 from .sam import model_identity, sam_architecture
 
 # %% auto #0
-__all__ = ['embedding_cache_path', 'load_cached_embedding', 'embed_images', 'embed_image']
+__all__ = ['input_padding', 'embedding_cache_path', 'load_cached_embedding', 'embed_images', 'embed_image']
 
 # %% ../nbs/08a_embeddings.ipynb #1c136917
+def input_padding(model) -> str:
+    "How `model` (a SAM, or anything holding one as `.sam`) pads an image smaller than its input (`io.preprocess_for_sam`): `'mirror'` for the toolkit's own SAMs (an instance head), `'zero'` as segment-anything does for every other."
+    return "mirror" if hasattr(getattr(model, "sam", model), "instance_head") else "zero"
+
 def _embedding_cache_path(model:Sam, image:np.ndarray, mode:str, size:int, cache) -> Path:
-    key = hash_json({"image": hash_array(image), "model": model_identity(model), "mode": mode, "size": size, "v": 1}, n=32)
+    pad = input_padding(model)
+    key = hash_json({"image": hash_array(image), "model": model_identity(model), "mode": mode, "size": size, "v": 1,
+                     **({"pad": pad} if pad != "zero" else {})}, n=32)
     root = cache_dir("embeddings", sam_architecture(model)) if cache is True else Path(cache)
     return root/f"{key}.safetensors"
 
@@ -67,7 +73,7 @@ def embed_images(model:Sam, images, mode:str="sam", cache=True, batch_size:int=8
     step = 1 if cache else batch_size     # a cached embedding must not depend on which images shared its encoder call
     for s in range(0, len(todo), step):
         chunk = todo[s:s+step]
-        xs, infos = zip(*(preprocess_for_sam(image, size=size, mode=mode) for _, image, _ in chunk))
+        xs, infos = zip(*(preprocess_for_sam(image, size=size, mode=mode, pad=input_padding(model)) for _, image, _ in chunk))
         embs = model.image_encoder(torch.stack(xs).to(device, dtype)).float()
         for (i, _, path), emb, info in zip(chunk, embs, infos):
             emb = emb[None]

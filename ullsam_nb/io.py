@@ -13,12 +13,13 @@ from .basics import InputError, atomic_write, atomic_path
 
 # %% auto #0
 __all__ = ['TIFF_SUFFIXES', 'PNG_SUFFIXES', 'JPEG_SUFFIXES', 'IMAGE_SUFFIXES', 'SAM_PIXEL_MEAN', 'SAM_PIXEL_STD', 'SAM_MODES',
-           'CAPTION_INSTRUCTION', 'ULLSAM_INSTRUCTION', 'MASK_WORDS', 'select_channels', 'read_image', 'decode_image',
-           'image_size', 'encode_image', 'write_image', 'as_label_map', 'relabel_sequential', 'read_labels',
-           'decode_labels', 'encode_labels', 'write_labels', 'instance_ids', 'to_rgb', 'normalize_percentile',
-           'finite_image', 'image_to_unit', 'SamInputInfo', 'sam_input_size', 'preprocess_for_sam', 'masks_to_original',
-           'masks_to_input', 'points_to_input', 'boxes_to_input', 'mask_path_for', 'check_same_size', 'read_pair',
-           'find_mask', 'labels_for', 'ullsam_record', 'looks_like_mask', 'list_images']
+           'SAM_PADS', 'CAPTION_INSTRUCTION', 'ULLSAM_INSTRUCTION', 'MASK_WORDS', 'select_channels', 'read_image',
+           'decode_image', 'image_size', 'encode_image', 'write_image', 'as_label_map', 'relabel_sequential',
+           'read_labels', 'decode_labels', 'encode_labels', 'write_labels', 'instance_ids', 'to_rgb',
+           'normalize_percentile', 'finite_image', 'image_to_unit', 'SamInputInfo', 'sam_input_size',
+           'preprocess_for_sam', 'masks_to_original', 'masks_to_input', 'points_to_input', 'boxes_to_input',
+           'mask_path_for', 'check_same_size', 'read_pair', 'find_mask', 'labels_for', 'ullsam_record',
+           'looks_like_mask', 'list_images']
 
 # %% ../nbs/01_io.ipynb #9b02b435
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -314,8 +315,10 @@ def sam_input_size(original_size, size:int=1024, mode:str="sam") -> tuple:
     from segment_anything.utils.transforms import ResizeLongestSide
     return tuple(ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], size))
 
-def preprocess_for_sam(image, size:int=1024, mode:str="sam", channels=None, projection:str="max"):
-    "Image -> (`torch.FloatTensor (3,size,size)`, `SamInputInfo`): `mode='sam'` (longest side + pad + mean/std) or `'ullsam'` (square, [0,1])."
+SAM_PADS = ("zero", "mirror")
+
+def preprocess_for_sam(image, size:int=1024, mode:str="sam", channels=None, projection:str="max", pad:str="zero"):
+    "Image -> (`torch.FloatTensor (3,size,size)`, `SamInputInfo`): `mode='sam'` (longest side + mean/std + `pad`: zeros, or the image mirrored) or `'ullsam'` (square, [0,1])."
     import torch, torch.nn.functional as F
     if hasattr(image, "detach"): image = image.detach().cpu().numpy()
     unit = image_to_unit(image, channels, projection)
@@ -328,9 +331,11 @@ def preprocess_for_sam(image, size:int=1024, mode:str="sam", channels=None, proj
         from segment_anything.utils.transforms import ResizeLongestSide
         u8 = np.round(unit * 255).astype(np.uint8)
         resized = ResizeLongestSide(size).apply_image(u8)
-        x = torch.from_numpy(resized).permute(2, 0, 1).float()
+        if pad not in SAM_PADS: raise InputError(f"pad must be one of {SAM_PADS}, not {pad!r}")
+        if pad == "mirror": resized = np.pad(resized, ((0, size - h), (0, size - w), (0, 0)), mode="symmetric")
+        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
         x = (x - torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
-        x = F.pad(x, (0, size - w, 0, size - h))
+        x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))      # zeros, where not mirrored already
     return x.contiguous(), SamInputInfo((H, W), (h, w), size, mode)
 
 # %% ../nbs/01_io.ipynb #62630e2e

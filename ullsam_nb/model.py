@@ -12,7 +12,7 @@ from torch import nn
 from .basics import InputError, atomic_path, load_json, hash_json, hash_state_dict, sorted_metadata
 from .io import preprocess_for_sam
 from .sam import build_sam, fit_heads
-from .embeddings import embed_image, embedding_cache_path
+from .embeddings import embed_image, embedding_cache_path, input_padding
 from .decode import decode_prompts, prompts_to_input, decode_dense
 from .segmenter import segment_prompts, automatic_segmentation
 from .mllm import VLKExtractor, cached_vlk, vlk_model_key, MLLM, tokens_to_embedding, weights_fingerprint
@@ -31,14 +31,14 @@ def _prompt_arrays(p):
     return getattr(p, "points", None), getattr(p, "point_labels", None), getattr(p, "boxes", None)
 
 # %% ../nbs/13_model.ipynb #331a1b27
-def pixel_batch(images, size:int, preprocess:str, device=None) -> torch.Tensor:
-    "Model input (B,3,S,S) on `device` from a preprocessed tensor (B,3,S,S)/(3,S,S) or a list of numpy images (preprocessed with `preprocess`)."
+def pixel_batch(images, size:int, preprocess:str, device=None, pad:str="zero") -> torch.Tensor:
+    "Model input (B,3,S,S) on `device` from a preprocessed tensor (B,3,S,S)/(3,S,S) or a list of numpy images (preprocessed with `preprocess` and `pad`)."
     if isinstance(images, torch.Tensor):
         x = images[None] if images.ndim == 3 else images
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (size,)*2:
             raise InputError(f"expected preprocessed images (B,3,{size},{size}), got {tuple(x.shape)}")
         return x.to(device, torch.float32)
-    return torch.stack([preprocess_for_sam(np.asarray(im), size=size, mode=preprocess)[0] for im in images]).to(device)
+    return torch.stack([preprocess_for_sam(np.asarray(im), size=size, mode=preprocess, pad=pad)[0] for im in images]).to(device)
 
 # %% ../nbs/13_model.ipynb #73cd7e44
 def pixel_keys(x:torch.Tensor) -> list:
@@ -205,7 +205,7 @@ class ULLSAM(nn.Module):
     # --- image features: the encoder once, both branches ---
     def pixels(self, images) -> torch.Tensor:
         "Model input (B,3,S,S) on the model's device from a tensor (B,3,S,S)/(3,S,S) or a list of numpy images (config's preprocessing)."
-        return pixel_batch(images, self.image_size, self.config.preprocess, self.device)
+        return pixel_batch(images, self.image_size, self.config.preprocess, self.device, pad=input_padding(self.sam))   # as `prepare_image` pads
 
     def image_keys(self, x:torch.Tensor) -> list:
         "Cache keys of preprocessed images (B,3,S,S): a hash of each image sampled every 8 pixels, and its shape."

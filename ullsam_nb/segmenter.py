@@ -20,7 +20,7 @@ from .instance import instances_from_maps
 from .tiling import (tile_grid, needs_tiling, assign_boxes, tile_offset, blend_tiles, box_diameter, mask_diameter, zoom_for,
                                zoom_image, zoom_points, zoom_boxes, shrink_maps, shrink_masks)
 from .sam import sam_architecture
-from .embeddings import embed_image
+from .embeddings import embed_image, input_padding
 from .decode import decode_dense, prompts_to_input, lone_click_masks, best_mask
 
 # %% auto #0
@@ -122,7 +122,7 @@ class HeadFrame:
 def head_frame(seg, embedding:torch.Tensor, info:SamInputInfo, image, heads:bool=True) -> HeadFrame:
     "The `HeadFrame` of one frame from its embedding (`head_maps`, `MaskRefiner.features`): computed once, it serves every prompt of the frame; `heads=False`: the refiner's features only."
     sam, frame = seg.sam, HeadFrame()
-    x = preprocess_for_sam(image, size=sam.image_encoder.img_size, mode=seg.preprocess)[0][None]
+    x = preprocess_for_sam(image, size=sam.image_encoder.img_size, mode=seg.preprocess, pad=input_padding(sam))[0][None]
     if heads and hasattr(sam, "instance_head"): frame.foreground, frame.distance = head_maps(sam, embedding, info, image, seg.preprocess, model_input=x)
     if refines_masks(sam):                  # the refiner's features, once per frame, on the decoder's mask grid
         with torch.no_grad(): px = sam.mask_refiner.features(x.to(sam.mask_refiner.mask_in.weight.device))
@@ -422,7 +422,7 @@ def instance_maps(model:Sam, image, mode:str="sam", cache=True, tile:bool|None=N
 def head_maps(model:Sam, embedding:torch.Tensor, info:SamInputInfo, image, mode:str="sam", model_input=None) -> np.ndarray:
     "`instance_maps` of one frame whose embedding is already computed: `(2,H,W)` probabilities at the original size; `model_input` `(1,3,S,S)` when the caller has it."
     head = model.instance_head
-    x = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode)[0][None] if model_input is None else model_input
+    x = preprocess_for_sam(image, size=model.image_encoder.img_size, mode=mode, pad=input_padding(model))[0][None] if model_input is None else model_input
     w = next(head.parameters())
     probs = head(embedding.to(w.device, w.dtype), x.to(w.device, w.dtype)).float().sigmoid()[0]
     return masks_to_original(probs, info).cpu().numpy()

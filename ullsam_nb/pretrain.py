@@ -20,7 +20,7 @@ from .prompts import instance_slices, boxes_from_labels, mixed_prompt_sampler
 from .instance import instance_targets, InstanceHead, MaskRefiner
 from .sam import build_sam, save_model, load_model
 from .decode import decode_prompts, best_mask, lone_click_masks
-from .segmenter import unit_uint8, SNAP_IOU, TRIM_FOREGROUND, TRIM_KEEP, OBJECT_DIAMETER
+from .segmenter import unit_uint8, SNAP_IOU, TRIM_FOREGROUND, TRIM_KEEP, OBJECT_DIAMETER, CLICK_DIAMETER
 from .tiling import MAX_ZOOM
 from .train import Trainer
 from .train_parts import TrainConfig
@@ -514,8 +514,9 @@ def _card(record:dict, quality:dict|None) -> str:
     if quality:
         lines += ["## Benchmark (`python bench/quality.py`)", "", "mSA, mean over images, every ground-truth instance prompted; floors from the same run. "
                   f"Images whose boxes say the objects are under {OBJECT_DIAMETER:.0f} px across are enlarged first, at most {MAX_ZOOM:g}× "
-                  "(`segmenter.object_zoom`; clicks and the automatic mode keep the native scale); *native* is the same boxes "
-                  "at the image's own scale, same run:", "",
+                  f"(`segmenter.object_zoom`); lone clicks are sized by their own first masks at the native scale (target {CLICK_DIAMETER:.0f} px); "
+                  "the automatic mode keeps the native scale; an image narrower than the model's input is mirrored into the margin "
+                  "(`embeddings.input_padding`). *native* is the same boxes at the image's own scale, same run:", "",
                   "| set | protocol | model | floors | model − best floor | beats floors |", "| --- | --- | --- | --- | --- | --- |"]
         for k, v in quality["verdict"].items():
             floors = {n.split(":")[1]: x for n, x in v.items() if n.startswith("floor:")}

@@ -111,10 +111,11 @@ def prompted_segmentation(model, image, labels, protocol:str="box", seed:int=0, 
     if zoom != 1 and embedding is None and dense_prompt is None and head is None and zooms_images(seg):
         z = object_zoom(seg, boxes) if zoom is None else float(zoom)
         if zoom is None and boxes is None:      # clicks alone: their answer at the native scale says how large the objects are
-            first = list(prompted_segmentation(seg, image, labels, protocol, n_iterations=n_iterations, use_mask=use_mask, cache=cache,
-                                               tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1, prompts=p))
-            z = object_zoom(seg, masks=first[0][1])
-            if z == 1: yield from first; return
+            native = prompted_segmentation(seg, image, labels, protocol, n_iterations=n_iterations, use_mask=use_mask, cache=cache,
+                                           tile=tile, overlap=overlap, mask_prompt=mask_prompt, zoom=1, prompts=p)
+            first = next(native)                # the first step only: corrective clicks follow where the objects are drawn
+            z = object_zoom(seg, masks=first[1])
+            if z == 1: yield first; yield from native; return
         if z != 1:          # the same prompts, in the enlarged image; masks and clicks come back to this one
             big = dict(p, boxes=zoom_boxes(boxes, z), points=zoom_points(points, z))
             for it, masks, scores, pts, pl in prompted_segmentation(seg, zoom_image(unit_uint8(image), z), zoom_labels(labels, z), protocol,

@@ -56,16 +56,16 @@ def segment_image(model, image, prompts:str="box", gt_labels=None, mode:str="sam
                   tile:bool=True, diameter:float|None=None, zoom:bool=True, **auto_kwargs) -> np.ndarray:
     "Label map of one image: `box`/`point` prompts from `gt_labels` (ids kept) or `auto`; SAM or uLLSAM model; `diameter`: the objects' typical size in px, if known."
     seg = as_segmenter(model, mode)          # SAM or uLLSAM: one interface
-    enlarge = lambda boxes=None, clicks=False: (None if clicks and not diameter else object_zoom(seg, boxes, diameter)) if zoom else 1.0   # no diameter: the boxes tell the size, or the clicks' first answer (None)
+    z = (object_zoom(seg, diameter=diameter) if diameter else None) if zoom else 1.0     # None: `segment_prompts` decides (the boxes, or the clicks' first answer)
     if prompts == "auto": return seg.automatic_segmentation(image, preset=preset, cache=cache, tile=None if tile else False,
-                                                           **(dict(zoom=enlarge()) if zooms_images(seg) else {}), **auto_kwargs)
+                                                           **(dict(zoom=z or 1.0) if zooms_images(seg) else {}), **auto_kwargs)
     if prompts not in ("box", "point"): raise InputError(f"unknown prompt type {prompts!r}; use box, point or auto")
     if gt_labels is None: raise InputError(f"{prompts} prompts need ground-truth masks (--gt)")
     ids = instance_ids(gt_labels)
     if len(ids) == 0: return np.zeros(np.asarray(image).shape[:2], np.uint32)
     kw = dict(boxes=boxes_from_labels(gt_labels, ids)) if prompts == "box" else \
          dict(points=positive_points(gt_labels, ids, rng=np.random.default_rng(0)), multimask=True)
-    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, zoom=enlarge(kw.get("boxes"), prompts == "point"), **kw)
+    masks, scores = segment_prompts(seg, image, cache=cache, tile=None if tile else False, zoom=z, **kw)
     return masks_to_labels(masks, scores, ids=ids)
 
 # %% ../nbs/15b_segment.ipynb #0ca17bc4

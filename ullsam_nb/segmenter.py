@@ -199,9 +199,8 @@ def zooms_images(model) -> bool:
 def object_zoom(model, boxes=None, diameter:float|None=None, masks=None, mode:str="sam") -> float:
     "How much `model` enlarges an image (`tiling.zoom_for`): from the objects' `diameter` (px) when given, else the prompt `boxes`', else the `masks` `(N,H,W)` its clicks drew at the native scale (`CLICK_DIAMETER`); 1 without any, and for a model that does not zoom."
     if not zooms_images(as_segmenter(model, mode)): return 1.0
-    if diameter is None and boxes is None and masks is not None: return zoom_for(mask_diameter(masks), CLICK_DIAMETER)
-    if diameter is None and boxes is not None: diameter = box_diameter(boxes)
-    return zoom_for(diameter, OBJECT_DIAMETER)
+    if diameter is not None or boxes is not None: return zoom_for(box_diameter(boxes) if diameter is None else diameter, OBJECT_DIAMETER)
+    return zoom_for(mask_diameter(masks), CLICK_DIAMETER) if masks is not None else 1.0
 
 # %% ../nbs/08c_segmenter.ipynb #7cfac92a
 @torch.no_grad()
